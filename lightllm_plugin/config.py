@@ -1,0 +1,92 @@
+"""EngineConfig: the one typed configuration object of the engine and the server.
+
+Field names follow LightLLM's command-line flags so that `--flag value` maps onto
+`EngineConfig.flag` one to one. Values discovered at run time (the KV slot count,
+the eos ids, the resolved dtype and device) are written back into the same object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+_DATA_TYPES = ("auto", "float32", "fp32", "float16", "fp16", "half", "bfloat16", "bf16")
+_TRUNCATION_MODES = (None, "head", "tail")
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work, reported with the field it concerns."""
+
+
+@dataclass
+class EngineConfig:
+    # model
+    model_dir: str | None = None  # None: the default model (DESIGN.md)
+    tokenizer_mode: str = "auto"
+    trust_remote_code: bool = False
+    data_type: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
+    device: str = "auto"  # auto: cuda when available, else cpu
+    eos_id: list[int] | None = None  # extra eos ids, added to the model's own
+
+    # memory and admission
+    max_total_token_num: int | None = None  # KV slots; None: profile free memory
+    mem_fraction: float = 0.9
+    max_req_total_len: int = 4096  # prompt + output tokens of one request
+    max_req_input_len: int = 2048
+    batch_max_tokens: int | None = None  # new tokens per forward; None: max_req_total_len
+    running_max_req_size: int = 256
+    long_truncation_mode: str | None = None  # None: reject long prompts; head/tail: cut
+    seed: int = 0
+
+    # server
+    host: str = "127.0.0.1"
+    port: int = 8000
+    tp: int = 1
+    nccl_port: int = 28765
+    tokenizer_workers: int = 1
+    served_model_name: str | None = None
+
+    # discovered at run time
+    total_slots: int = field(default=0, init=False)
+    resolved_eos_ids: list[int] = field(default_factory=list, init=False)
+    resolved_dtype: str = field(default="", init=False)
+    resolved_device: str = field(default="", init=False)
+    resolved_model_path: str = field(default="", init=False)
+
+    def __post_init__(self) -> None:
+        if self.data_type not in _DATA_TYPES:
+            raise ConfigError(f"data_type must be one of {_DATA_TYPES}, got {self.data_type!r}")
+        if self.max_total_token_num is not None and self.max_total_token_num < 1:
+            raise ConfigError("max_total_token_num must be >= 1")
+        if not 0.0 < self.mem_fraction <= 1.0:
+            raise ConfigError(f"mem_fraction must be in (0, 1], got {self.mem_fraction}")
+        if self.max_req_input_len < 1 or self.max_req_total_len < 2:
+            raise ConfigError("max_req_input_len must be >= 1 and max_req_total_len >= 2")
+        if self.max_req_input_len >= self.max_req_total_len:
+            raise ConfigError(
+                f"max_req_input_len ({self.max_req_input_len}) must be smaller than "
+                f"max_req_total_len ({self.max_req_total_len})"
+            )
+        if self.batch_max_tokens is None:
+            self.batch_max_tokens = self.max_req_total_len
+        if self.batch_max_tokens < self.max_req_input_len:
+            raise ConfigError(
+                f"batch_max_tokens ({self.batch_max_tokens}) must be >= max_req_input_len "
+                f"({self.max_req_input_len}) or a long prompt could never be scheduled"
+            )
+        if self.running_max_req_size < 1:
+            raise ConfigError("running_max_req_size must be >= 1")
+        if self.long_truncation_mode not in _TRUNCATION_MODES:
+            raise ConfigError(f"long_truncation_mode must be head or tail, got {self.long_truncation_mode!r}")
+        if self.tp != 1:
+            raise ConfigError("tp > 1 is not supported yet (tensor parallelism is a later issue)")
+        if self.eos_id is not None and isinstance(self.eos_id, int):
+            self.eos_id = [self.eos_id]
+
+    def replace(self, **changes) -> "EngineConfig":
+        """A copy with some fields changed; run-time fields are carried over."""
+        new = dataclasses.replace(self, **changes)
+        for f in dataclasses.fields(self):
+            if not f.init:
+                setattr(new, f.name, getattr(self, f.name))
+        return new

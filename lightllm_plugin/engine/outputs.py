@@ -1,0 +1,15 @@
+"""What one engine step reports for each request that produced a token."""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class TokenEvent(msgspec.Struct, array_like=True):
+    req_id: int
+    token_id: int
+    logprob: float | None  # log-probability of token_id under the model (raw logits)
+    top_logprobs: list[tuple[int, float]] | None  # top-k alternatives when asked for
+    finish_reason: str | None  # None while running; "stop", "length" or "abort"
+    output_len: int  # tokens generated so far, this one included
+    prompt_len: int
