@@ -1,0 +1,84 @@
+"""Attention over the token-slot KV pool, read through `req_to_token`.
+
+One call serves prefill (many new tokens per request, with any cached prefix) and
+decode (one new token per request): request b's q_len new queries sit at positions
+seq_len-q_len .. seq_len-1 and attend causally to its first seq_len tokens, whose K/V
+live in the slots `req_to_token[req_idx, :seq_len]`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _expand_kv_heads(x: torch.Tensor, group: int) -> torch.Tensor:
+    # [.., Hkv, L, D] -> [.., H, L, D] for grouped-query attention
+    return x if group == 1 else x.repeat_interleave(group, dim=-3)
+
+
+def token_attention_ref(
+    q: torch.Tensor,  # [T, H, D] packed new tokens
+    kv_layer: torch.Tensor,  # [slots+1, 2*Hkv, D]
+    req_to_token: torch.Tensor,  # [max_reqs, max_len] slot index per (request row, position)
+    b_req_idx: torch.Tensor,  # [B]
+    b_seq_len: torch.Tensor,  # [B] tokens in KV after this step
+    b_q_start: torch.Tensor,  # [B] offset of the request's first new token in q
+    b_q_len: torch.Tensor,  # [B] new tokens of the request
+    scale: float,
+) -> torch.Tensor:
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    kv_heads = kv_layer.shape[1] // 2
+    group = num_heads // kv_heads
+    out = torch.empty_like(q)
+    req_idx, seq_len = b_req_idx.tolist(), b_seq_len.tolist()
+    q_start, q_len = b_q_start.tolist(), b_q_len.tolist()
+
+    # decode rows (one query each) are batched with padding; prefill rows run one by one
+    decode = [b for b in range(len(req_idx)) if q_len[b] == 1]
+    prefill = [b for b in range(len(req_idx)) if q_len[b] > 1]
+
+    if decode:
+        max_len = max(seq_len[b] for b in decode)
+        rows = torch.tensor([req_idx[b] for b in decode], device=q.device)
+        lens = torch.tensor([seq_len[b] for b in decode], device=q.device)
+        slots = req_to_token[rows, :max_len].long()  # [Bd, L]
+        kv = kv_layer[slots]  # [Bd, L, 2Hkv, D]
+        k = _expand_kv_heads(kv[:, :, :kv_heads].transpose(1, 2).float(), group)  # [Bd, H, L, D]
+        v = _expand_kv_heads(kv[:, :, kv_heads:].transpose(1, 2).float(), group)
+        qpos = torch.tensor([q_start[b] for b in decode], device=q.device)
+        qd = q[qpos].float().unsqueeze(2)  # [Bd, H, 1, D]
+        valid = torch.arange(max_len, device=q.device)[None, :] < lens[:, None]  # [Bd, L]
+        o = F.scaled_dot_product_attention(qd, k, v, attn_mask=valid[:, None, None, :], scale=scale)
+        out[qpos] = o.squeeze(2).to(q.dtype)
+
+    for b in prefill:
+        n, length = q_len[b], seq_len[b]
+        slots = req_to_token[req_idx[b], :length].long()
+        kv = kv_layer[slots]  # [L, 2Hkv, D]
+        k = _expand_kv_heads(kv[:, :kv_heads].transpose(0, 1).float(), group)  # [H, L, D]
+        v = _expand_kv_heads(kv[:, kv_heads:].transpose(0, 1).float(), group)
+        qb = q[q_start[b] : q_start[b] + n].transpose(0, 1).float()  # [H, n, D]
+        # query j sits at position length-n+j and sees keys 0..length-n+j
+        qpos = torch.arange(length - n, length, device=q.device)
+        mask = torch.arange(length, device=q.device)[None, :] <= qpos[:, None]
+        o = F.scaled_dot_product_attention(qb, k, v, attn_mask=mask, scale=scale)
+        out[q_start[b] : q_start[b] + n] = o.transpose(0, 1).to(q.dtype)
+    return out
+
+
+def token_attention(
+    q: torch.Tensor,
+    kv_layer: torch.Tensor,
+    req_to_token: torch.Tensor,
+    b_req_idx: torch.Tensor,
+    b_seq_len: torch.Tensor,
+    b_q_start: torch.Tensor,
+    b_q_len: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    if q.dim() != 3 or kv_layer.dim() != 3 or kv_layer.shape[2] != q.shape[2]:
+        raise ValueError(f"token_attention: q {tuple(q.shape)} and kv {tuple(kv_layer.shape)} do not fit")
+    if q.shape[1] % (kv_layer.shape[1] // 2):
+        raise ValueError("token_attention: query heads must be a multiple of kv heads")
+    return token_attention_ref(q, kv_layer, req_to_token, b_req_idx, b_seq_len, b_q_start, b_q_len, scale)

@@ -1,0 +1,78 @@
+"""Token-granular KV memory: the slot free-list (router side) and the pool tensor (worker side).
+
+Every slot holds the K and V of exactly one token of one request, so memory in use is
+exactly the tokens held by live requests: no blocks, no internal fragmentation.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class SlotFreeList:
+    """A stack of free slot indices. Pure python: allocation never touches the device."""
+
+    def __init__(self, total_slots: int):
+        if total_slots < 1:
+            raise ValueError(f"the KV pool needs at least one slot, got {total_slots}")
+        self.total_slots = total_slots
+        self._free = list(range(total_slots - 1, -1, -1))
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used(self) -> int:
+        return self.total_slots - len(self._free)
+
+    def can_allocate(self, n: int) -> bool:
+        return n <= len(self._free)
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise MemoryError(f"KV pool exhausted: asked for {n} slots, {len(self._free)} free")
+        if n == 0:
+            return []
+        slots = self._free[-n:]
+        del self._free[-n:]
+        return slots
+
+    def free(self, slots: list[int]) -> None:
+        self._free.extend(slots)
+        if len(self._free) > self.total_slots:
+            raise RuntimeError("KV slot freed twice: the free-list grew past the pool size")
+
+
+def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    return num_layers * 2 * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+def allocate_kv_pool(
+    num_layers: int, total_slots: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    # the extra last slot is a scratch target for padded tokens (CUDA graph batches)
+    return torch.zeros(num_layers, total_slots + 1, 2 * num_kv_heads, head_dim, dtype=dtype, device=device)
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+def profiled_slot_count(device: torch.device, mem_fraction: float, bytes_per_token: int, cap: int) -> int:
+    """Slots that fit in mem_fraction of the memory left free after the warm-up forward.
+
+    On CUDA the warm-up's activations were freed back to torch's cache, so free memory is
+    what the pool may take. `cap` bounds the pool where a larger one could never be used
+    (every request at its maximum length).
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+    slots = int(free_memory_bytes(device) * mem_fraction) // bytes_per_token
+    return max(1, min(slots, cap))

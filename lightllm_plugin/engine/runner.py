@@ -1,0 +1,152 @@
+"""ModelRunner: one model worker. Owns the GPU-side state (model, KV pool, req_to_token)
+and turns a step plan from the core into one forward pass plus sampling."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from lightllm_plugin.config import EngineConfig
+from lightllm_plugin.engine.memory import allocate_kv_pool, kv_bytes_per_token, profiled_slot_count
+from lightllm_plugin.engine.req_table import ReqTable
+from lightllm_plugin.engine.sampling import SampleResult, SamplerRow, sample
+from lightllm_plugin.models.llama import AttentionMetadata
+from lightllm_plugin.models.loader import load_model
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+# on CPU a pool larger than this many full-length requests is never useful and costs RAM up front
+_CPU_POOL_REQUESTS = 8
+
+
+@dataclass
+class StepEntry:
+    """One request's share of a forward pass."""
+
+    row: int  # its req_to_token row
+    input_ids: list[int]  # tokens whose K/V are computed this step
+    start_pos: int  # position of input_ids[0]
+    slots: list[int]  # KV slots of input_ids
+    sampler: SamplerRow
+
+
+def resolve_device_and_dtype(config: EngineConfig) -> tuple[torch.device, torch.dtype]:
+    device_name = config.device
+    if device_name == "auto":
+        device_name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device_name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device=cuda was asked for but CUDA is not available")
+    dtype_name = config.data_type
+    if dtype_name == "auto":
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    else:
+        dtype = _DTYPES[dtype_name]
+        if device.type == "cpu" and dtype != torch.float32:
+            # half-precision matmuls on CPU are slow and lose accuracy; LazyLLM passes float16 by default
+            logger.warning("data_type=%s on CPU: using float32 instead", dtype_name)
+            dtype = torch.float32
+    return device, dtype
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model_kind: str, model_path: str, progress: bool = True):
+        self.config = config
+        self.device, self.dtype = resolve_device_and_dtype(config)
+        config.resolved_device, config.resolved_dtype = self.device.type, str(self.dtype).removeprefix("torch.")
+        self.model, self.model_cfg = load_model(
+            model_kind, model_path, self.dtype, self.device, config.max_req_total_len, progress=progress
+        )
+        self.req_table = ReqTable(config.running_max_req_size, config.max_req_total_len, self.device)
+        self.kv_pool: torch.Tensor | None = None
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(config.seed)
+        self._request_generators: dict[int, torch.Generator] = {}
+
+    # ---- memory sizing -------------------------------------------------------------
+    def size_kv_pool(self) -> int:
+        """Warm up, then size and allocate the KV pool; returns the slot count."""
+        cfg = self.model_cfg
+        per_token = kv_bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.dtype)
+        if self.config.max_total_token_num is not None:
+            slots = self.config.max_total_token_num
+        else:
+            warmup_tokens = self.config.batch_max_tokens if self.device.type == "cuda" else 8
+            self._warmup(warmup_tokens)
+            if self.device.type == "cuda":
+                cap = self.config.running_max_req_size * self.config.max_req_total_len
+            else:
+                cap = _CPU_POOL_REQUESTS * self.config.max_req_total_len
+            slots = profiled_slot_count(self.device, self.config.mem_fraction, per_token, cap)
+        self.kv_pool = allocate_kv_pool(cfg.num_layers, slots, cfg.num_kv_heads, cfg.head_dim, self.dtype, self.device)
+        return slots
+
+    def _warmup(self, num_tokens: int) -> None:
+        """A forward at the largest prefill so the profiled free memory leaves room for activations."""
+        num_tokens = min(num_tokens, self.config.max_req_total_len)
+        cfg = self.model_cfg
+        pool = allocate_kv_pool(cfg.num_layers, num_tokens, cfg.num_kv_heads, cfg.head_dim, self.dtype, self.device)
+        row = self.req_table.alloc_row()
+        try:
+            entry_slots = list(range(num_tokens))
+            self._forward([StepEntry(row, [0] * num_tokens, 0, entry_slots, None)], pool)
+        finally:
+            self.req_table.free_row(row)
+            del pool
+
+    # ---- per-request state --------------------------------------------------------
+    def add_generator(self, req_id: int, seed: int) -> torch.Generator:
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(seed)
+        self._request_generators[req_id] = gen
+        return gen
+
+    def drop_request(self, req_id: int) -> None:
+        self._request_generators.pop(req_id, None)
+
+    # ---- one step ----------------------------------------------------------------------
+    def _forward(self, entries: list[StepEntry], kv_pool: torch.Tensor) -> torch.Tensor:
+        device = self.device
+        table = self.req_table.req_to_token
+        input_ids, positions, slots = [], [], []
+        b_req_idx, b_seq_len, b_q_start, b_q_len, last_index = [], [], [], [], []
+        for e in entries:
+            n = len(e.input_ids)
+            b_q_start.append(len(input_ids))
+            input_ids.extend(e.input_ids)
+            positions.extend(range(e.start_pos, e.start_pos + n))
+            slots.extend(e.slots)
+            b_req_idx.append(e.row)
+            b_seq_len.append(e.start_pos + n)
+            b_q_len.append(n)
+            last_index.append(len(input_ids) - 1)
+            table[e.row, e.start_pos : e.start_pos + n] = torch.tensor(e.slots, dtype=torch.int32, device=device)
+
+        def as_tensor(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long, device=device)
+
+        meta = AttentionMetadata(
+            req_to_token=table,
+            b_req_idx=as_tensor(b_req_idx),
+            b_seq_len=as_tensor(b_seq_len),
+            b_q_start=as_tensor(b_q_start),
+            b_q_len=as_tensor(b_q_len),
+            out_slots=as_tensor(slots),
+        )
+        return self.model(as_tensor(input_ids), as_tensor(positions), kv_pool, meta, as_tensor(last_index))
+
+    @torch.inference_mode()
+    def execute(self, entries: list[StepEntry]) -> SampleResult:
+        logits = self._forward(entries, self.kv_pool)  # [B, V]
+        return sample(logits, [e.sampler for e in entries], self.generator)

@@ -1,0 +1,143 @@
+"""One implementation of the Llama family (Llama 2/3/3.1, Mistral, SmolLM, Qwen2/2.5, Qwen3).
+
+Differences between the members are flags in ModelConfig (qkv/o bias, q/k norm,
+tied embeddings, rope scaling), not subclasses. Attention reads and writes K/V
+through the token-slot pool; the model never keeps a cache of its own.
+Projections are fused (qkv, gate_up) so each layer runs four matmuls.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lightllm_plugin.kernels.kv_scatter import kv_scatter
+from lightllm_plugin.kernels.rmsnorm import rmsnorm
+from lightllm_plugin.kernels.rotary import rotary
+from lightllm_plugin.kernels.silu_and_mul import silu_and_mul
+from lightllm_plugin.kernels.token_attention import token_attention
+from lightllm_plugin.models.model_config import ModelConfig
+
+
+@dataclass
+class AttentionMetadata:
+    """Where each packed token's K/V goes and which slots each request attends to."""
+
+    req_to_token: torch.Tensor  # [max_reqs, max_len]
+    b_req_idx: torch.Tensor  # [B]
+    b_seq_len: torch.Tensor  # [B] tokens in KV after this step
+    b_q_start: torch.Tensor  # [B]
+    b_q_len: torch.Tensor  # [B]
+    out_slots: torch.Tensor  # [T] slot of each new token
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    scaling = cfg.rope_scaling
+    if not scaling:
+        return inv_freq.float()
+    factor = float(scaling["factor"])
+    if scaling["rope_type"] == "linear":
+        return (inv_freq / factor).float()
+    # llama3: long wavelengths are slowed by `factor`, short ones kept, the band between blended
+    low = float(scaling.get("low_freq_factor", 1.0))
+    high = float(scaling.get("high_freq_factor", 4.0))
+    original = float(scaling["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > original / low, inv_freq / factor, inv_freq)
+    smooth = (original / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= original / high) & (wavelen <= original / low)
+    return torch.where(medium, blended, scaled).float()
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype):
+        super().__init__()
+        self.cfg = cfg
+        q_size = cfg.num_heads * cfg.head_dim
+        kv_size = cfg.num_kv_heads * cfg.head_dim
+        self.qkv_proj = nn.Linear(cfg.hidden_size, q_size + 2 * kv_size, bias=cfg.qkv_bias, dtype=dtype)
+        self.o_proj = nn.Linear(q_size, cfg.hidden_size, bias=cfg.o_bias, dtype=dtype)
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False, dtype=dtype)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False, dtype=dtype)
+        self.input_layernorm = nn.Parameter(torch.empty(cfg.hidden_size, dtype=dtype), requires_grad=False)
+        self.post_attention_layernorm = nn.Parameter(torch.empty(cfg.hidden_size, dtype=dtype), requires_grad=False)
+        if cfg.qk_norm:
+            self.q_norm = nn.Parameter(torch.empty(cfg.head_dim, dtype=dtype), requires_grad=False)
+            self.k_norm = nn.Parameter(torch.empty(cfg.head_dim, dtype=dtype), requires_grad=False)
+        self.scale = cfg.head_dim**-0.5
+
+    def forward(
+        self,
+        hidden: torch.Tensor,  # [T, hidden]
+        residual: torch.Tensor | None,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_layer: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.cfg
+        eps = cfg.rms_norm_eps
+        x, residual = rmsnorm(hidden, self.input_layernorm, eps, residual)
+        qkv = self.qkv_proj(x)
+        q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        q = qkv[:, :q_size].reshape(-1, cfg.num_heads, cfg.head_dim)  # [T, H, D]
+        k = qkv[:, q_size : q_size + kv_size].reshape(-1, cfg.num_kv_heads, cfg.head_dim)
+        v = qkv[:, q_size + kv_size :].reshape(-1, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q = rmsnorm(q, self.q_norm, eps)[0]
+            k = rmsnorm(k, self.k_norm, eps)[0]
+        else:
+            q, k = q.contiguous(), k.contiguous()
+        rotary(q, k, cos, sin)
+        kv_scatter(kv_layer, k, v, meta.out_slots)
+        attn = token_attention(
+            q, kv_layer, meta.req_to_token, meta.b_req_idx, meta.b_seq_len, meta.b_q_start, meta.b_q_len, self.scale
+        )
+        hidden = self.o_proj(attn.reshape(-1, q_size))
+        x, residual = rmsnorm(hidden, self.post_attention_layernorm, eps, residual)
+        hidden = self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return hidden, residual
+
+
+class LlamaFamilyModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, dtype) for _ in range(cfg.num_layers))
+        self.norm = nn.Parameter(torch.empty(cfg.hidden_size, dtype=dtype), requires_grad=False)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype)
+        self.cos_cache: torch.Tensor | None = None
+        self.sin_cache: torch.Tensor | None = None
+
+    def build_rope_cache(self, device: torch.device, max_positions: int) -> None:
+        """Called after the weights are loaded (the model is built on `meta`)."""
+        positions = torch.arange(max_positions, dtype=torch.float32)
+        freqs = torch.outer(positions, rope_inv_freq(self.cfg))  # [P, D/2]
+        self.cos_cache = freqs.cos().to(device)
+        self.sin_cache = freqs.sin().to(device)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T]
+        positions: torch.Tensor,  # [T]
+        kv_cache: torch.Tensor,  # [layers, slots+1, 2*Hkv, D]
+        meta: AttentionMetadata,
+        logits_index: torch.Tensor | None = None,  # [B] rows whose logits are wanted; None: all
+    ) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)
+        cos, sin = self.cos_cache[positions], self.sin_cache[positions]
+        residual = None
+        for i, layer in enumerate(self.layers):
+            hidden, residual = layer(hidden, residual, cos, sin, kv_cache[i], meta)
+        hidden, _ = rmsnorm(hidden, self.norm, self.cfg.rms_norm_eps, residual)
+        if logits_index is not None:
+            hidden = hidden[logits_index]
+        return self.lm_head(hidden).float()

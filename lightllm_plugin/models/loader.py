@@ -1,0 +1,153 @@
+"""Build a model on the `meta` device and fill it from safetensors or GGUF.
+
+Each checkpoint tensor is read once, converted to the target dtype and assigned in
+place of its meta parameter, so no second full copy of the weights ever exists.
+q/k/v and gate/up are fused as they arrive; only one layer's pieces wait at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator
+from glob import glob
+
+import torch
+from tqdm import tqdm
+
+from lightllm_plugin.models.llama import LlamaFamilyModel
+from lightllm_plugin.models.model_config import ModelConfig
+
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+# checkpoint names -> (our name, fused piece index) for the fused projections
+_FUSED = {
+    "self_attn.q_proj": ("qkv_proj", 0),
+    "self_attn.k_proj": ("qkv_proj", 1),
+    "self_attn.v_proj": ("qkv_proj", 2),
+    "mlp.gate_proj": ("gate_up_proj", 0),
+    "mlp.up_proj": ("gate_up_proj", 1),
+}
+_RENAMED = {
+    "self_attn.o_proj.weight": "o_proj.weight",
+    "self_attn.o_proj.bias": "o_proj.bias",
+    "mlp.down_proj.weight": "down_proj.weight",
+    "input_layernorm.weight": "input_layernorm",
+    "post_attention_layernorm.weight": "post_attention_layernorm",
+    "self_attn.q_norm.weight": "q_norm",
+    "self_attn.k_norm.weight": "k_norm",
+}
+
+
+def read_hf_config(model_dir: str) -> dict:
+    path = os.path.join(model_dir, "config.json")
+    with open(path, encoding="utf-8") as f:
+        cfg = json.load(f)
+    gen_path = os.path.join(model_dir, "generation_config.json")
+    if os.path.exists(gen_path):
+        with open(gen_path, encoding="utf-8") as f:
+            gen = json.load(f)
+        # generation_config's eos ids win: chat models list their end-of-turn token there
+        if gen.get("eos_token_id") is not None:
+            cfg["eos_token_id"] = gen["eos_token_id"]
+    return cfg
+
+
+def iter_safetensors(model_dir: str, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    files = sorted(glob(os.path.join(model_dir, "*.safetensors")))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {model_dir}")
+    for path in files:
+        with safe_open(path, framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name).to(dtype)
+
+
+def _assign(module: torch.nn.Module, dotted: str, tensor: torch.Tensor) -> None:
+    *path, leaf = dotted.split(".")
+    for part in path:
+        module = getattr(module, part)
+    current = getattr(module, leaf)
+    if tuple(current.shape) != tuple(tensor.shape):
+        raise ValueError(f"weight {dotted}: checkpoint shape {tuple(tensor.shape)} != model {tuple(current.shape)}")
+    module._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=False)
+
+
+def load_weights(
+    model: LlamaFamilyModel,
+    tensors: Iterator[tuple[str, torch.Tensor]],
+    device: torch.device,
+    total: int | None = None,
+    progress: bool = True,
+) -> None:
+    cfg = model.cfg
+    pending: dict[tuple[int, str, str], dict[int, torch.Tensor]] = {}
+    pieces_needed = {"qkv_proj": 3, "gate_up_proj": 2}
+    for name, tensor in tqdm(tensors, total=total, desc="Loading weights", unit="tensor", disable=not progress):
+        tensor = tensor.to(device)
+        if name in ("model.embed_tokens.weight", "lm_head.weight"):
+            _assign(model, name.removeprefix("model."), tensor)
+            continue
+        if name == "model.norm.weight":
+            _assign(model, "norm", tensor)
+            continue
+        match = _LAYER_RE.match(name)
+        if not match:
+            if "rotary_emb" in name:
+                continue
+            raise ValueError(f"unexpected weight {name!r} in checkpoint")
+        layer, rest = int(match.group(1)), match.group(2)
+        stem, _, kind = rest.rpartition(".")
+        if stem in _FUSED:
+            fused, index = _FUSED[stem]
+            key = (layer, fused, kind)
+            pending.setdefault(key, {})[index] = tensor
+            if len(pending[key]) == pieces_needed[fused]:
+                parts = pending.pop(key)
+                _assign(model, f"layers.{layer}.{fused}.{kind}", torch.cat([parts[i] for i in sorted(parts)]))
+        elif rest in _RENAMED:
+            _assign(model, f"layers.{layer}.{_RENAMED[rest]}", tensor)
+        else:
+            raise ValueError(f"unexpected weight {name!r} in checkpoint")
+    if pending:
+        raise ValueError(f"checkpoint is missing parts of fused weights: {sorted(pending)[:4]}")
+    if cfg.tie_word_embeddings or model.lm_head.weight.is_meta:
+        model.lm_head.weight = model.embed_tokens.weight
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise ValueError(f"checkpoint is missing weights: {missing[:6]}{' ...' if len(missing) > 6 else ''}")
+
+
+def build_model(
+    model_cfg: ModelConfig,
+    tensors: Iterator[tuple[str, torch.Tensor]],
+    dtype: torch.dtype,
+    device: torch.device,
+    max_positions: int,
+    total: int | None = None,
+    progress: bool = True,
+) -> LlamaFamilyModel:
+    with torch.device("meta"):
+        model = LlamaFamilyModel(model_cfg, dtype)
+    load_weights(model, tensors, device, total=total, progress=progress)
+    model.build_rope_cache(device, max_positions)
+    return model.eval()
+
+
+def load_model(kind: str, path: str, dtype: torch.dtype, device: torch.device, max_positions: int, progress=True):
+    """Returns (model, ModelConfig) for an HF folder (kind "hf") or a GGUF file (kind "gguf")."""
+    if kind == "hf":
+        model_cfg = ModelConfig.from_hf_dict(read_hf_config(path))
+        tensors = iter_safetensors(path, dtype)
+        total = None
+    else:
+        from lightllm_plugin.models.gguf import gguf_model_config, iter_gguf_tensors
+
+        model_cfg = ModelConfig.from_hf_dict(gguf_model_config(path))
+        tensors = iter_gguf_tensors(path, dtype=dtype)
+        total = None
+    positions = max(max_positions, 1)
+    model = build_model(model_cfg, tensors, dtype, device, positions, total=total, progress=progress)
+    return model, model_cfg
