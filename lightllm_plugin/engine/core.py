@@ -39,10 +39,11 @@ class EngineCore:
         self.config = config
         kind, path = resolve_model_path(config.model_dir)
         config.resolved_model_path = path
+        # the model first: an unsupported architecture is reported before any tokenizer work
+        self.runner = ModelRunner(config, kind, path, progress=progress)
         self.tokenizer = (
             load_tokenizer(path, config.tokenizer_mode, config.trust_remote_code) if with_tokenizer else None
         )
-        self.runner = ModelRunner(config, kind, path, progress=progress)
         self.model_cfg = self.runner.model_cfg
         config.resolved_eos_ids = self._eos_ids()
 

@@ -1,0 +1,245 @@
+"""Reading llama-family GGUF files: an HF-style config and HF-named, dequantized tensors.
+
+Everything goes through ``gguf.GGUFReader``, which memory-maps the file, so only the
+tensor being converted is ever resident beyond the page cache.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+# llama.cpp's converter interleaves the Q/K rows of these archs to suit its own rope
+# kernel (see `permute` in convert_hf_to_gguf.py); HF-layout rope needs them undone.
+_PERMUTED_QK = {"llama", "mistral"}
+
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_BLOCK_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+# Derived data, not parameters: llama3-style rope frequency factors are recomputed
+# from the config by HF-layout models.
+_SKIPPED = {"rope_freqs.weight"}
+_BLOCK_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
+
+
+def _fast_reader_class():
+    import gguf
+
+    class _Reader(gguf.GGUFReader):
+        # GGUFReader slices its np.memmap once per metadata value (~250k slices for a
+        # 49k-token vocab), and every memmap slice runs memmap.__array_finalize__ in
+        # Python. A plain-ndarray view of the same mapping (which its base keeps alive)
+        # parses 3-4x faster; the data stay mmap-backed and read-only.
+        @property
+        def data(self):
+            return self._data
+
+        @data.setter
+        def data(self, value):
+            self._data = value.view(np.ndarray) if isinstance(value, np.memmap) else value
+
+    return _Reader
+
+
+_reader_lock = threading.Lock()
+_reader_cache: dict[tuple, Any] = {}
+
+
+def _reader(path: str):
+    """One parsed reader per file per process.
+
+    GGUFReader parses every metadata string eagerly (seconds for a 49k-token vocab), and
+    loading a model reads the config and then the tensors, so the parse is shared.
+    Keyed by size and mtime so a replaced file is re-read.
+    """
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+    with _reader_lock:
+        reader = _reader_cache.get(key)
+        if reader is None:
+            reader = _fast_reader_class()(str(path), "r")
+            _reader_cache.clear()  # keep only the latest file mapped
+            _reader_cache[key] = reader
+        return reader
+
+
+def _metadata(reader) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, field in reader.fields.items():
+        # The vocabulary arrays are huge and irrelevant to the model config.
+        if key.startswith("tokenizer.ggml.") and key.endswith(("tokens", "token_type", "merges", "scores")):
+            continue
+        try:
+            out[key] = field.contents()
+        except Exception:  # malformed/unknown value types should not block loading
+            continue
+    return out
+
+
+def _architecture(meta: dict[str, Any], path: str) -> str:
+    arch = meta.get("general.architecture")
+    if arch not in _ARCHITECTURES:
+        raise ValueError(
+            f"unsupported GGUF architecture {arch!r} in {path}; "
+            f"supported: {', '.join(sorted(_ARCHITECTURES))}")
+    return arch
+
+
+def _rope_scaling(meta: dict[str, Any], arch: str) -> dict[str, Any] | None:
+    kind = meta.get(f"{arch}.rope.scaling.type")
+    if kind in (None, "none"):
+        return None
+    scaling: dict[str, Any] = {"rope_type": kind, "type": kind}
+    factor = meta.get(f"{arch}.rope.scaling.factor")
+    if factor is not None:
+        scaling["factor"] = float(factor)
+    orig = meta.get(f"{arch}.rope.scaling.original_context_length")
+    if orig is not None:
+        scaling["original_max_position_embeddings"] = int(orig)
+    attn_factor = meta.get(f"{arch}.rope.scaling.attn_factor")
+    if attn_factor is not None:
+        scaling["attention_factor"] = float(attn_factor)
+    return scaling
+
+
+def gguf_model_config(path: str) -> dict[str, Any]:
+    """An HF ``config.json``-like dict for a llama-family GGUF file."""
+    reader = _reader(path)
+    meta = _metadata(reader)
+    arch = _architecture(meta, path)
+    tensors = {t.name: t for t in reader.tensors}
+
+    def need(key: str):
+        full = f"{arch}.{key}"
+        if full not in meta:
+            raise ValueError(f"GGUF file {path} lacks required metadata {full!r}")
+        return meta[full]
+
+    hidden = int(need("embedding_length"))
+    heads = int(need("attention.head_count"))
+    kv_heads = int(meta.get(f"{arch}.attention.head_count_kv", heads))
+    # key_length is explicit when head_dim != hidden/heads (e.g. Qwen3).
+    head_dim = int(meta.get(f"{arch}.attention.key_length", hidden // heads))
+    vocab = meta.get(f"{arch}.vocab_size")
+    if vocab is None:
+        # GGUF dims are innermost-first: token_embd is [hidden, vocab].
+        vocab = int(tensors["token_embd.weight"].shape[-1])
+
+    config: dict[str, Any] = {
+        "architectures": [_ARCHITECTURES[arch]],
+        "model_type": arch,
+        "hidden_size": hidden,
+        "intermediate_size": int(need("feed_forward_length")),
+        "num_hidden_layers": int(need("block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": float(need("attention.layer_norm_rms_epsilon")),
+        "rope_theta": float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
+        "max_position_embeddings": int(meta.get(f"{arch}.context_length", 2048)),
+        "vocab_size": int(vocab),
+        "tie_word_embeddings": "output.weight" not in tensors,
+        "attention_bias": "blk.0.attn_q.bias" in tensors,
+        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+    }
+    if "tokenizer.ggml.padding_token_id" in meta:
+        config["pad_token_id"] = meta["tokenizer.ggml.padding_token_id"]
+    rope_scaling = _rope_scaling(meta, arch)
+    if rope_scaling is not None:
+        config["rope_scaling"] = rope_scaling
+    if "rope_freqs.weight" in tensors:
+        # llama3 rope: the file carries per-frequency factors rather than the
+        # parameters HF uses; callers that care can read the tensor themselves.
+        config["gguf_rope_freqs"] = True
+    return config
+
+
+def _hf_name(name: str) -> str | None:
+    if name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[name]
+    if name in _SKIPPED:
+        return None
+    m = _BLOCK_RE.match(name)
+    if m and m.group(2) in _BLOCK_NAMES:
+        return f"model.layers.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}.{m.group(3)}"
+    raise ValueError(f"GGUF tensor {name!r} has no known HF counterpart")
+
+
+def _unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    # Inverse of llama.cpp's reshape(n, 2, d/2) -> swap: rows go from
+    # [re0, im0, re1, im1, ...] per head back to [re..., im...] (rotate-half layout).
+    shape = w.shape
+    return w.reshape(n_heads, shape[0] // n_heads // 2, 2, *shape[1:]).transpose(1, 2).reshape(shape)
+
+
+def _to_numpy(t) -> np.ndarray:
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    if t.tensor_type == GGMLQuantizationType.F32:
+        return t.data
+    return dequantize(t.data, t.tensor_type)
+
+
+def iter_gguf_tensors(path: str, dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(hf_name, tensor)`` one at a time, dequantized to ``dtype``.
+
+    Tensors come out in HF orientation ([out, in] for linear weights). The tied
+    ``lm_head.weight`` is not yielded when the file has no ``output.weight``.
+    """
+    reader = _reader(path)
+    meta = _metadata(reader)
+    arch = _architecture(meta, path)
+    heads = int(meta[f"{arch}.attention.head_count"])
+    kv_heads = int(meta.get(f"{arch}.attention.head_count_kv", heads))
+    permuted = arch in _PERMUTED_QK
+
+    for t in reader.tensors:
+        name = _hf_name(t.name)
+        if name is None:
+            continue
+        arr = _to_numpy(t)
+        # numpy order is the reverse of GGUF's dims, i.e. already [out, in].
+        expected = tuple(int(d) for d in reversed(t.shape.tolist()))
+        if tuple(arr.shape) != expected:
+            arr = arr.reshape(expected)
+        if arr.flags.writeable:
+            # A fresh dequantized buffer: wrap it, converting only if dtype differs.
+            tensor = torch.from_numpy(arr).to(dtype)
+        else:
+            # A view of the read-only mmap: copy out once, straight into dtype.
+            tensor = torch.tensor(arr, dtype=dtype)
+        if permuted and name.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")):
+            tensor = _unpermute(tensor, heads)
+        elif permuted and name.endswith(("self_attn.k_proj.weight", "self_attn.k_proj.bias")):
+            tensor = _unpermute(tensor, kv_heads)
+        del arr
+        yield name, tensor

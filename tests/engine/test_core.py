@@ -1,0 +1,103 @@
+"""Continuous batching and token-granular memory on the default model."""
+
+import pytest
+
+from lightllm_plugin.config import EngineConfig
+from lightllm_plugin.engine.core import EngineCore
+from lightllm_plugin.sampling_params import SamplingParams
+
+GREEDY = SamplingParams(temperature=0, max_new_tokens=24, ignore_eos=True)
+
+
+def _run_to_end(engine: EngineCore, max_steps: int = 2000) -> dict[int, list[int]]:
+    tokens: dict[int, list[int]] = {}
+    for _ in range(max_steps):
+        if not engine.has_unfinished():
+            return tokens
+        for ev in engine.step():
+            tokens.setdefault(ev.req_id, []).append(ev.token_id)
+        # zero waste: slots in use are exactly the tokens live requests hold
+        assert engine.used_slots == engine.tokens_held() <= engine.total_slots
+    raise AssertionError("engine did not finish within the step bound")
+
+
+@pytest.fixture(scope="module")
+def engine():
+    cfg = EngineConfig(max_total_token_num=4000, max_req_total_len=512, max_req_input_len=256)
+    return EngineCore(cfg, progress=False)
+
+
+def _ids(engine, text):
+    return engine.tokenizer.encode(text)
+
+
+def test_runtime_values_written_back(engine):
+    assert engine.config.total_slots == 4000 == engine.total_slots
+    assert 2 in engine.config.resolved_eos_ids
+    assert engine.config.resolved_device == "cpu" and engine.config.resolved_dtype == "float32"
+
+
+def test_request_joining_mid_decode_matches_running_alone(engine):
+    a, b, late = _ids(engine, "The history of Rome"), _ids(engine, "A recipe for bread:"), _ids(engine, "Once upon a time")
+    engine.add_request(1, late, GREEDY)
+    alone = _run_to_end(engine)[1]
+
+    engine.add_request(2, a, GREEDY)
+    engine.add_request(3, b, GREEDY)
+    seen: dict[int, list[int]] = {}
+    for _ in range(5):
+        for ev in engine.step():
+            seen.setdefault(ev.req_id, []).append(ev.token_id)
+    assert engine.num_running == 2 and len(seen[2]) == 5
+    engine.add_request(4, late, GREEDY)
+    step = engine.step()  # the newcomer's prefill runs in the same forward as the others' decode
+    assert {ev.req_id for ev in step} == {2, 3, 4}
+    for ev in step:
+        seen.setdefault(ev.req_id, []).append(ev.token_id)
+    for rid, toks in _run_to_end(engine).items():
+        seen[rid].extend(toks)
+    assert seen[4] == alone
+    assert engine.used_slots == 0
+
+
+def test_pool_too_small_queues_and_completes_everything():
+    cfg = EngineConfig(max_total_token_num=300, max_req_total_len=160, max_req_input_len=100, batch_max_tokens=160)
+    small = EngineCore(cfg, progress=False)
+    prompt = small.tokenizer.encode("Tell me about the planets of the solar system in detail, one by one.")
+    params = SamplingParams(temperature=0, max_new_tokens=60, ignore_eos=True)
+    for rid in range(8):
+        small.add_request(rid, prompt, params)
+    # 8 requests x (prompt + 60) tokens is far beyond 300 slots: most must wait
+    first = small.step()
+    assert 0 < len(first) < 8 and small.num_waiting > 0
+    out = _run_to_end(small)
+    assert len(out) == 8 and all(len(t) + (1 if rid in {e.req_id for e in first} else 0) >= 60 for rid, t in out.items())
+    assert small.free_slots.num_free == small.total_slots
+    assert small.runner.req_table.num_free_rows == cfg.running_max_req_size
+
+
+def test_abort_frees_slots_at_once(engine):
+    engine.add_request(10, _ids(engine, "Count to one hundred:"), SamplingParams(temperature=0, max_new_tokens=100))
+    engine.step()
+    engine.step()
+    assert engine.used_slots > 0
+    assert engine.abort(10)
+    assert engine.used_slots == 0 and not engine.has_unfinished()
+    assert not engine.abort(10)
+
+
+def test_finished_request_frees_slots_the_same_step(engine):
+    engine.add_request(20, _ids(engine, "Hello"), SamplingParams(temperature=0, max_new_tokens=1))
+    events = engine.step()
+    assert events[0].finish_reason == "length"
+    assert engine.used_slots == 0
+
+
+def test_duplicate_and_out_of_vocab_ids_rejected(engine):
+    engine.add_request(30, [1, 2, 3], SamplingParams(max_new_tokens=2))
+    with pytest.raises(ValueError, match="already in use"):
+        engine.add_request(30, [1, 2, 3], SamplingParams(max_new_tokens=2))
+    engine.abort(30)
+    with pytest.raises(ValueError, match="vocabulary"):
+        engine.add_request(31, [10**7], SamplingParams(max_new_tokens=2))
+    assert engine.used_slots == 0
