@@ -68,11 +68,23 @@ class ModelRunner:
         self.model, self.model_cfg = load_model(
             model_kind, model_path, self.dtype, self.device, config.max_req_total_len, progress=progress
         )
+        self._clamp_lengths_to_model()
         self.req_table = ReqTable(config.running_max_req_size, config.max_req_total_len, self.device)
         self.kv_pool: torch.Tensor | None = None
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(config.seed)
         self._request_generators: dict[int, torch.Generator] = {}
+
+    def _clamp_lengths_to_model(self) -> None:
+        # callers such as LazyLLM pass one max_req_total_len (64000) for every model; beyond the
+        # trained context a model only degrades, so cap it there instead of refusing to start
+        config, limit = self.config, self.model_cfg.max_position_embeddings
+        if config.max_req_total_len <= limit:
+            return
+        logger.warning("max_req_total_len=%d exceeds the model's context (%d): using %d",
+                       config.max_req_total_len, limit, limit)
+        config.max_req_total_len = limit
+        config.max_req_input_len = min(config.max_req_input_len, limit - 1)
 
     # ---- memory sizing -------------------------------------------------------------
     def size_kv_pool(self) -> int:

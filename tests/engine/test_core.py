@@ -101,3 +101,18 @@ def test_duplicate_and_out_of_vocab_ids_rejected(engine):
     with pytest.raises(ValueError, match="vocabulary"):
         engine.add_request(31, [10**7], SamplingParams(max_new_tokens=2))
     assert engine.used_slots == 0
+
+
+def test_lengths_beyond_the_model_context_are_capped(tmp_path):
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=300)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    ec = EngineConfig(model_dir=str(tmp_path), max_req_total_len=64000, max_req_input_len=4096, max_total_token_num=64000)
+    core = EngineCore(ec, progress=False, with_tokenizer=False)
+    assert ec.max_req_total_len == 300 and ec.max_req_input_len == 299
+    with pytest.raises(ValueError, match="max_req_input_len=299"):
+        core.add_request(1, [1] * 300, SamplingParams(max_new_tokens=1))
+    core.add_request(2, [1] * 290, SamplingParams(max_new_tokens=10, temperature=0))
+    assert len(_run_to_end(core)[2]) == 10
