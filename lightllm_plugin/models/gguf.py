@@ -176,9 +176,9 @@ def gguf_model_config(path: str) -> dict[str, Any]:
     if rope_scaling is not None:
         config["rope_scaling"] = rope_scaling
     if "rope_freqs.weight" in tensors:
-        # llama3 rope: the file carries per-frequency factors rather than the
-        # parameters HF uses; callers that care can read the tensor themselves.
-        config["gguf_rope_freqs"] = True
+        # llama3-style rope: the file carries the per-frequency divisors themselves
+        # rather than the parameters that produced them
+        config["rope_freq_factors"] = [float(x) for x in _to_numpy(tensors["rope_freqs.weight"]).reshape(-1)]
     return config
 
 

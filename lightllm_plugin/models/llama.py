@@ -37,6 +37,8 @@ class AttentionMetadata:
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     dim = cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    if cfg.rope_freq_factors is not None:
+        return (inv_freq / torch.tensor(cfg.rope_freq_factors, dtype=torch.float64)).float()
     scaling = cfg.rope_scaling
     if not scaling:
         return inv_freq.float()

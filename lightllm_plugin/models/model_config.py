@@ -32,6 +32,7 @@ class ModelConfig:
     o_bias: bool
     qk_norm: bool
     rope_scaling: dict[str, Any] | None = None
+    rope_freq_factors: list[float] | None = None  # GGUF llama3 files: inv_freq divisors
     eos_token_ids: list[int] = field(default_factory=list)
     bos_token_id: int | None = None
 
@@ -70,6 +71,7 @@ class ModelConfig:
             o_bias=attention_bias and not is_qwen2,
             qk_norm=arch == "Qwen3ForCausalLM",
             rope_scaling=rope_scaling,
+            rope_freq_factors=cfg.get("rope_freq_factors"),
             eos_token_ids=_as_id_list(eos),
             bos_token_id=cfg.get("bos_token_id"),
         )

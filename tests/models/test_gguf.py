@@ -158,3 +158,29 @@ def test_unsupported_architecture(tmp_path):
         gguf_model_config(str(path))
     with pytest.raises(ValueError, match="gpt2"):
         next(iter_gguf_tensors(str(path)))
+
+
+def test_llama3_rope_freqs_give_the_llama3_frequencies(tmp_path):
+    """A GGUF llama3 file stores rope divisors; applied, they equal HF's llama3 rope scaling."""
+    import dataclasses
+
+    from lightllm_plugin.models.llama import rope_inv_freq
+    from lightllm_plugin.models.model_config import ModelConfig
+
+    base = ModelConfig.from_hf_dict({
+        "architectures": ["LlamaForCausalLM"], "vocab_size": 32, "hidden_size": 64, "intermediate_size": 16,
+        "num_hidden_layers": 1, "num_attention_heads": 2, "rope_theta": 500000.0,
+        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 8192},
+    })
+    unscaled = rope_inv_freq(dataclasses.replace(base, rope_scaling=None))
+    llama3 = rope_inv_freq(base)
+    divisors = (unscaled.double() / llama3.double()).float().numpy()
+    assert divisors.max() > 7.9 and divisors.min() == 1.0  # the scaling really bites
+
+    path = tmp_path / "tiny-llama3.gguf"
+    _write_gguf(path, "llama", {"token_embd.weight": np.zeros((32, 8), np.float32), "rope_freqs.weight": divisors})
+    cfg = gguf_model_config(str(path))
+    assert cfg["rope_freq_factors"] == pytest.approx(divisors.tolist())
+    from_file = dataclasses.replace(base, rope_scaling=None, rope_freq_factors=cfg["rope_freq_factors"])
+    assert torch.allclose(rope_inv_freq(from_file), llama3, rtol=1e-6)
