@@ -26,10 +26,17 @@ class SamplingParams(msgspec.Struct, kw_only=True):
     seed: int | None = None
     logprobs: int | None = None  # None: no logprobs; k >= 0: chosen token plus top-k
     skip_special_tokens: bool = True
+    # vLLM's names for max_new_tokens / min_new_tokens, so vLLM code runs unchanged
+    max_tokens: int | None = None
+    min_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        if self.max_tokens is not None:
+            self.max_new_tokens, self.max_tokens = self.max_tokens, None
+        if self.min_tokens is not None:
+            self.min_new_tokens, self.min_tokens = self.min_tokens, None
         self.validate()
 
     @property
