@@ -209,6 +209,11 @@ def _to_numpy(t) -> np.ndarray:
     return dequantize(t.data, t.tensor_type)
 
 
+def gguf_tensor_count(path: str) -> int:
+    """How many tensors iter_gguf_tensors will yield (for a progress bar)."""
+    return sum(1 for t in _reader(path).tensors if t.name not in _SKIPPED)
+
+
 def iter_gguf_tensors(path: str, dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(hf_name, tensor)`` one at a time, dequantized to ``dtype``.
 

@@ -53,13 +53,27 @@ def read_hf_config(model_dir: str) -> dict:
     return cfg
 
 
-def iter_safetensors(model_dir: str, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    from safetensors import safe_open
-
+def _safetensors_files(model_dir: str) -> list[str]:
     files = sorted(glob(os.path.join(model_dir, "*.safetensors")))
     if not files:
         raise FileNotFoundError(f"no *.safetensors files in {model_dir}")
-    for path in files:
+    return files
+
+
+def safetensors_count(model_dir: str) -> int:
+    from safetensors import safe_open
+
+    total = 0
+    for path in _safetensors_files(model_dir):
+        with safe_open(path, framework="pt") as f:
+            total += len(f.keys())
+    return total
+
+
+def iter_safetensors(model_dir: str, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    for path in _safetensors_files(model_dir):
         with safe_open(path, framework="pt") as f:
             for name in f.keys():
                 yield name, f.get_tensor(name).to(dtype)
@@ -141,13 +155,13 @@ def load_model(kind: str, path: str, dtype: torch.dtype, device: torch.device, m
     if kind == "hf":
         model_cfg = ModelConfig.from_hf_dict(read_hf_config(path))
         tensors = iter_safetensors(path, dtype)
-        total = None
+        total = safetensors_count(path)
     else:
-        from lightllm_plugin.models.gguf import gguf_model_config, iter_gguf_tensors
+        from lightllm_plugin.models.gguf import gguf_model_config, gguf_tensor_count, iter_gguf_tensors
 
         model_cfg = ModelConfig.from_hf_dict(gguf_model_config(path))
         tensors = iter_gguf_tensors(path, dtype=dtype)
-        total = None
+        total = gguf_tensor_count(path)
     positions = max(max_positions, 1)
     model = build_model(model_cfg, tensors, dtype, device, positions, total=total, progress=progress)
     return model, model_cfg
