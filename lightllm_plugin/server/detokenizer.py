@@ -128,8 +128,15 @@ class RequestRenderer:
             finish_reason=finish_reason,
             output_len=event.output_len,
             prompt_len=event.prompt_len,
+            logprob_tokens=self._token_strings(event),
         )
         return output, stopped
+
+    def _token_strings(self, event: TokenEvent) -> list[str] | None:
+        if event.top_logprobs is None:
+            return None
+        decode = self.detok.tokenizer.decode
+        return [decode([event.token_id])] + [decode([token_id]) for token_id, _ in event.top_logprobs]
 
 
 class Detokenizer:

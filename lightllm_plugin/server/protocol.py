@@ -88,6 +88,9 @@ class TokenOutput(msgspec.Struct, array_like=True):
     finish_reason: str | None  # None while running; "stop", "length" or "abort"
     output_len: int
     prompt_len: int
+    # the strings of the chosen token and of each top_logprobs id, in that order; rendered
+    # only when top alternatives were asked for (logprobs >= 1), so plain requests pay nothing
+    logprob_tokens: list[str] | None = None
 
 
 class OutputBatch(msgspec.Struct, tag=True):

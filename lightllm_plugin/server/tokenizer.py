@@ -40,6 +40,8 @@ def encode_prompt(tokenizer, req: TokenizeRequest) -> list[int]:
             raise ValueError("messages must not be empty")
         if getattr(tokenizer, "chat_template", None) is None:
             raise ValueError("messages: this model has no chat template; send the prompt as text instead")
+        if req.tools and not template_takes_tools(tokenizer.chat_template):
+            raise ValueError("tools: this model's chat template does not take tools")
         try:
             text = tokenizer.apply_chat_template(
                 req.messages,
@@ -55,6 +57,12 @@ def encode_prompt(tokenizer, req: TokenizeRequest) -> list[int]:
     if req.prompt is None or req.prompt == "":
         raise ValueError(f"{req.field} must not be empty")
     return tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+
+
+def template_takes_tools(template: str | dict[str, str]) -> bool:
+    """Whether a chat template reads `tools` (one that does not would drop them silently)."""
+    sources = template.values() if isinstance(template, dict) else [template]
+    return any("tools" in source for source in sources)
 
 
 def fit_prompt(ids: list[int], params: SamplingParams, config: EngineConfig, field: str) -> list[int]:
