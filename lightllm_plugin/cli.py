@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import time
 import types
@@ -37,11 +38,16 @@ HELP = {
     "tp": "tensor parallel degree (only 1 for now)",
     "nccl_port": "accepted for LightLLM compatibility; unused while tp=1",
     "tokenizer_workers": "number of tokenizer processes",
-    "served_model_name": "model name reported by the OpenAI-compatible routes",
+    "served_model_name": "model name of the OpenAI-compatible routes (default: the model folder's or file's name)",
+    "api_key": "require `Authorization: Bearer KEY` on every route but /health and /metrics "
+    "(default: $LIGHTLLM_API_KEY, else no key)",
 }
+# vLLM's spellings of flags, accepted as well
+ALIASES = {"served_model_name": "--served-model-name", "api_key": "--api-key"}
+API_KEY_ENV = "LIGHTLLM_API_KEY"
 
 # fields only the HTTP server uses
-SERVER_FIELDS = {"host", "port", "nccl_port", "tokenizer_workers", "served_model_name"}
+SERVER_FIELDS = {"host", "port", "nccl_port", "tokenizer_workers", "served_model_name", "api_key"}
 # fields that exist for LightLLM's command line but change nothing here
 NO_EFFECT_FIELDS = {"nccl_port": "tp=1 runs without NCCL"}
 # LightLLM flags with no counterpart here: (name, takes a value)
@@ -77,21 +83,21 @@ def add_engine_flags(parser: argparse.ArgumentParser, include_server: bool = Tru
         if not f.init or (not include_server and f.name in SERVER_FIELDS):
             continue
         tp, _ = _unwrap_optional(hints[f.name])
-        flag = f"--{f.name}"
+        flags = [f"--{f.name}"] + ([ALIASES[f.name]] if f.name in ALIASES else [])
         help_text = HELP.get(f.name, "")
         default = f.default if f.default is not dataclasses.MISSING else None
         if tp is bool:
             action = "store_true" if not default else argparse.BooleanOptionalAction
-            group.add_argument(flag, action=action, default=default, help=help_text)
+            group.add_argument(*flags, action=action, default=default, help=help_text)
         elif typing.get_origin(tp) is list:
             (item,) = typing.get_args(tp)
-            group.add_argument(flag, nargs="+", type=item, default=default, help=help_text)
+            group.add_argument(*flags, nargs="+", type=item, default=default, help=help_text)
         elif f.name in NO_EFFECT_FIELDS:
             # any text: LazyLLM writes "--nccl_port=None" when it has no port to give
-            group.add_argument(flag, type=str, default=None, help=help_text)
+            group.add_argument(*flags, type=str, default=None, help=help_text)
         else:
             shown = help_text if "default" in help_text else f"{help_text} (default: {default})"
-            group.add_argument(flag, type=tp, default=default, help=shown)
+            group.add_argument(*flags, type=tp, default=default, help=shown)
 
 
 def add_lightllm_only_flags(parser: argparse.ArgumentParser) -> None:
@@ -117,6 +123,8 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
                 _warn(f"--{f.name} has no effect here ({NO_EFFECT_FIELDS[f.name]}); ignored")
             continue
         values[f.name] = value
+    if "api_key" in values and values["api_key"] is None:
+        values["api_key"] = os.environ.get(API_KEY_ENV) or None
     try:
         return EngineConfig(**values)
     except ConfigError as exc:
@@ -138,9 +146,10 @@ def build_serve_parser(prog: str | None = None) -> argparse.ArgumentParser:
 def serve_main(argv: list[str], prog: str | None = None) -> int:
     parser = build_serve_parser(prog)
     config = config_from_args(parser.parse_args(argv), parser)
+    from lightllm_plugin.server.api import builtin_route_hooks
     from lightllm_plugin.server.launcher import serve
 
-    return serve(config)
+    return serve(config, route_hooks=builtin_route_hooks())
 
 
 def _add_sampling_flags(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:

@@ -11,12 +11,23 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 
 from lightllm_plugin.config import EngineConfig
 from lightllm_plugin.server.engine_client import AsyncEngineClient
+from lightllm_plugin.server.http_util import RequireApiKey
 from lightllm_plugin.server.native import native_routes
 
 logger = logging.getLogger(__name__)
 
 # an adapter adds its routes with hook(app, client, config)
 RouteHook = Callable[[FastAPI, AsyncEngineClient, EngineConfig], None]
+
+# routes that --api_key leaves open: probes and scrapers carry no key
+OPEN_PATHS = frozenset({"/health", "/healthz", "/metrics"})
+
+
+def builtin_route_hooks() -> list[RouteHook]:
+    """The adapters that ship with the server (until the plugin manager registers them)."""
+    from lightllm_plugin.adapters.openai import register_routes
+
+    return [register_routes]
 
 
 def create_app(
@@ -36,6 +47,8 @@ def create_app(
     app = FastAPI(title="lightllm-plugin", lifespan=lifespan)
     app.state.client = client
     app.state.config = config
+    if config.api_key:
+        app.add_middleware(RequireApiKey, api_key=config.api_key, open_paths=OPEN_PATHS)
 
     @app.api_route("/health", methods=["GET", "HEAD"])
     @app.api_route("/healthz", methods=["GET", "HEAD"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hmac
+import json
 from typing import Any, TypeVar
 
 import anyio
@@ -67,3 +69,40 @@ class DisconnectAbortingStream(StreamingResponse):
             aclose = getattr(self.body_iterator, "aclose", None)
             if aclose is not None:
                 await aclose()
+
+
+class RequireApiKey:
+    """ASGI middleware: every HTTP route but the open ones needs `Authorization: Bearer KEY`.
+    The key is compared in constant time; a refusal is a 401 in OpenAI's error shape, which
+    the OpenAI SDK turns into AuthenticationError."""
+
+    def __init__(self, app, api_key: str, open_paths: frozenset[str]):
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+        self.open_paths = open_paths
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["path"] in self.open_paths or scope["method"] == "OPTIONS":
+            return await self.app(scope, receive, send)
+        given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+        if hmac.compare_digest(given, self.expected):
+            return await self.app(scope, receive, send)
+        body = json.dumps(
+            {
+                "error": {
+                    "message": "Incorrect or missing API key: send `Authorization: Bearer <key>`",
+                    "type": "invalid_request_error",
+                    "param": None,
+                    "code": "invalid_api_key",
+                }
+            }
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 401,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"www-authenticate", b"Bearer")],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
