@@ -13,6 +13,7 @@ import time
 
 import httpx
 import psutil
+import pytest
 
 STARTUP_TIMEOUT_S = 300  # first run on a fresh machine converts the tokenizer and loads the model
 SHUTDOWN_TIMEOUT_S = 20
@@ -89,6 +90,28 @@ class ServerProcess:
         for p in alive:
             p.kill()
         return [p.pid for p in alive]
+
+
+@pytest.fixture(scope="module")
+def launch_server():
+    """Start servers with launch_server(*flags); teardown checks SIGTERM stops each cleanly."""
+    started: list[ServerProcess] = []
+
+    def launch(*flags: str) -> ServerProcess:
+        server = ServerProcess(*flags)
+        started.append(server)
+        server.wait_ready()
+        return server
+
+    yield launch
+    for server in started:
+        was_running = server.proc.poll() is None
+        code = server.stop()
+        leftovers = server.reap()
+        if was_running:
+            assert code == 0, f"SIGTERM should stop the server with exit code 0, got {code}"
+            assert not leftovers, f"processes {leftovers} outlived the server"
+            assert server.run_dir and not os.path.exists(server.run_dir), "run dir left behind"
 
 
 def metric(server: ServerProcess, name: str) -> float:

@@ -53,3 +53,22 @@ def test_lazyllm_command_line_parses(capsys):
     cfg = _config(argv)
     assert (cfg.eos_id, cfg.data_type, cfg.max_req_total_len, cfg.long_truncation_mode) == ([2], "float16", 64000, "head")
     assert "--nccl_port" in capsys.readouterr().err
+
+
+def test_vllm_spellings_and_the_api_key_from_the_environment(monkeypatch):
+    monkeypatch.delenv("LIGHTLLM_API_KEY", raising=False)
+    cfg = _config(["--served-model-name", "m1", "--api-key", "k1"])
+    assert (cfg.served_model_name, cfg.api_key) == ("m1", "k1")
+    assert "k1" not in repr(cfg)
+    assert _config([]).api_key is None
+    monkeypatch.setenv("LIGHTLLM_API_KEY", "k2")
+    assert _config([]).api_key == "k2"
+    assert _config(["--api_key", "k3"]).api_key == "k3"
+
+
+def test_the_served_model_name_defaults_to_the_model_folder_or_file():
+    from lightllm_plugin.config import EngineConfig
+
+    assert EngineConfig(model_dir="/models/Qwen2.5-0.5B-Instruct/").model_name() == "Qwen2.5-0.5B-Instruct"
+    assert EngineConfig(model_dir="/m/SmolLM2-135M-Instruct.Q4_1.gguf").model_name() == "SmolLM2-135M-Instruct.Q4_1"
+    assert EngineConfig(model_dir="/m/x", served_model_name="mine").model_name() == "mine"
