@@ -97,3 +97,15 @@ def test_detokenizer_routes_events_and_reports_stop_string_hits(tokenizer):
     assert "".join(o.text for o in outputs if o.req_id == 2) == "It is Paris, yes"
     assert not any(o.req_id == 3 for o in outputs)
     assert detok.requests == {}
+
+
+def test_token_strings_come_with_top_logprobs_only(tokenizer):
+    detok = Detokenizer(tokenizer)
+    detok.handle(DetokenizeStart(req_id=1, prompt_tail=[], stop=[], skip_special_tokens=True), [], [])
+    paris, london = tokenizer.encode(" Paris"), tokenizer.encode(" London")
+    outputs = []
+    top = [(paris[0], -0.1), (london[0], -2.5)]
+    batch = [TokenEvent(1, paris[0], -0.1, top, None, 1, 3), _event(1, tokenizer.eos_token_id, 2, "stop")]
+    detok.handle(TokenBatch(events=batch), outputs, [])
+    assert outputs[0].logprob_tokens == [" Paris", " Paris", " London"]
+    assert outputs[1].logprob_tokens is None  # no top alternatives asked for: nothing rendered

@@ -66,3 +66,10 @@ def test_n_samples_become_n_requests_with_distinct_seeds():
     assert all(isinstance(a, AddRequest) and a.params.n == 1 and a.prompt_ids == [1, 2] for a in adds)
     unseeded = expand_samples(TokenizeRequest(req_ids=[1, 2], params=SamplingParams(n=2), prompt="x"), [1])
     assert [a.params.seed for a in unseeded] == [None, None]
+
+
+def test_tools_are_refused_by_a_template_that_would_drop_them(tokenizer):
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    req = TokenizeRequest(req_ids=[0], params=SamplingParams(), messages=[{"role": "user", "content": "Hi"}], tools=tools)
+    result = handle(tokenizer, req, EngineConfig())
+    assert isinstance(result, RequestError) and result.message.startswith("tools") and result.status == 400
