@@ -57,7 +57,7 @@ def invalid(message: str, status: int = 400, renames: dict[str, str] | None = No
     >= 0"); the engine's field names are put back into the names this client used."""
     for ours, theirs in (renames or {}).items():
         message = re.sub(rf"\b{ours}\b", theirs, message)
-    match = _LEADING_NAME.match(message)
+    match = _LEADING_NAME.match(message) if status < 500 else None
     param = re.sub(r"\[\d+\]", "", match.group(1)) if match else None
     return ApiError(status, message, param)
 

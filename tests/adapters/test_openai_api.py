@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 
 import httpx
 import openai
@@ -161,6 +162,18 @@ def test_completions_echo_logprobs_token_ids_and_streaming(client, model, tokeni
     ))
     assert "".join(c.choices[0].text for c in chunks[:-1]) == echoed.choices[0].text
     assert chunks[-1].usage == echoed.usage
+
+
+def test_one_refused_prompt_refuses_the_list_and_frees_the_others(client, model, server):
+    from live_server import metric
+
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=model, prompt=["Hello", "word " * 400], max_tokens=50, extra_body={"ignore_eos": True})
+    assert info.value.param == "prompt" and "prompt[1]" in info.value.message
+    deadline = time.monotonic() + 20
+    while metric(server, "lightllm_kv_slots_used") or metric(server, "lightllm_num_requests_running"):
+        assert time.monotonic() < deadline, "the list's other request kept its slots"
+        time.sleep(0.2)
 
 
 BAD = [
