@@ -8,6 +8,7 @@ the eos ids, the resolved dtype and device) are written back into the same objec
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 
 _DATA_TYPES = ("auto", "float32", "fp32", "float16", "fp16", "half", "bfloat16", "bf16")
@@ -44,7 +45,8 @@ class EngineConfig:
     tp: int = 1
     nccl_port: int = 28765
     tokenizer_workers: int = 1
-    served_model_name: str | None = None
+    served_model_name: str | None = None  # None: the model folder's (or GGUF file's) name
+    api_key: str | None = field(default=None, repr=False)  # None: no key asked for
 
     # discovered at run time
     total_slots: int = field(default=0, init=False)
@@ -82,6 +84,17 @@ class EngineConfig:
             raise ConfigError("tp > 1 is not supported yet (tensor parallelism is a later issue)")
         if self.eos_id is not None and isinstance(self.eos_id, int):
             self.eos_id = [self.eos_id]
+
+    def model_name(self) -> str:
+        """The name clients address the model by: --served_model_name, else the model
+        folder's name or the GGUF file's name without its suffix."""
+        if self.served_model_name:
+            return self.served_model_name
+        path = (self.resolved_model_path or self.model_dir or "").rstrip("/\\")
+        if not path:
+            return "default"
+        name = os.path.basename(path)
+        return name[: -len(".gguf")] if name.lower().endswith(".gguf") else name
 
     def replace(self, **changes) -> "EngineConfig":
         """A copy with some fields changed; run-time fields are carried over."""

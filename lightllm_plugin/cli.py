@@ -1,0 +1,237 @@
+"""`lightllm-plugin serve | generate | bench`.
+
+Engine flags are generated from EngineConfig's fields, so `--flag` and `config.flag` can
+never drift apart; their names are LightLLM's. LightLLM flags that mean nothing here are
+accepted with a one-line warning, so a LightLLM command line runs unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+import types
+import typing
+
+from lightllm_plugin.config import ConfigError, EngineConfig
+
+HELP = {
+    "model_dir": "Hugging Face model folder or GGUF file (default: SmolLM2-135M-Instruct, fetched once)",
+    "tokenizer_mode": "tokenizer loading mode (auto: the fast tokenizer)",
+    "trust_remote_code": "allow the model folder's own tokenizer code to run",
+    "data_type": "weights and activations dtype: auto, float32, float16, bfloat16 (CPU always uses float32)",
+    "device": "auto, cpu or cuda",
+    "eos_id": "extra end-of-sequence token ids, added to the model's own",
+    "max_total_token_num": "KV cache size in tokens (default: measured from free memory and --mem_fraction)",
+    "mem_fraction": "share of free accelerator memory the KV cache may take",
+    "max_req_total_len": "most tokens (prompt + output) of one request",
+    "max_req_input_len": "most prompt tokens of one request",
+    "batch_max_tokens": "most new tokens in one forward (default: max_req_total_len)",
+    "running_max_req_size": "most requests in the running batch",
+    "long_truncation_mode": "what to do with a prompt over max_req_input_len: refuse it (default), "
+    "head (cut its beginning) or tail (cut its end)",
+    "seed": "seed of the engine's sampler",
+    "host": "address to listen on",
+    "port": "port to listen on",
+    "tp": "tensor parallel degree (only 1 for now)",
+    "nccl_port": "accepted for LightLLM compatibility; unused while tp=1",
+    "tokenizer_workers": "number of tokenizer processes",
+    "served_model_name": "model name of the OpenAI-compatible routes (default: the model folder's or file's name)",
+    "api_key": "require `Authorization: Bearer KEY` on every route but /health and /metrics "
+    "(default: $LIGHTLLM_API_KEY, else no key)",
+}
+# vLLM's spellings of flags, accepted as well
+ALIASES = {"served_model_name": "--served-model-name", "api_key": "--api-key"}
+API_KEY_ENV = "LIGHTLLM_API_KEY"
+
+# fields only the HTTP server uses
+SERVER_FIELDS = {"host", "port", "nccl_port", "tokenizer_workers", "served_model_name", "api_key"}
+# fields that exist for LightLLM's command line but change nothing here
+NO_EFFECT_FIELDS = {"nccl_port": "tp=1 runs without NCCL"}
+# LightLLM flags with no counterpart here: (name, takes a value)
+LIGHTLLM_ONLY_FLAGS = [
+    ("mode", True),
+    ("router_token_ratio", True),
+    ("router_max_new_token_len", True),
+    ("router_max_wait_tokens", True),
+    ("log_stats_interval", True),
+    ("splitfuse_block_size", True),
+    ("graph_max_batch_size", True),
+    ("graph_max_len_in_batch", True),
+    ("quant_type", True),
+    ("dp", True),
+    ("disable_log_stats", False),
+    ("splitfuse_mode", False),
+    ("disable_cudagraph", False),
+]
+
+
+def _unwrap_optional(tp) -> tuple[object, bool]:
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return rest[0], True
+    return tp, False
+
+
+def add_engine_flags(parser: argparse.ArgumentParser, include_server: bool = True) -> None:
+    hints = typing.get_type_hints(EngineConfig)
+    group = parser.add_argument_group("engine" if not include_server else "engine and server")
+    for f in dataclasses.fields(EngineConfig):
+        if not f.init or (not include_server and f.name in SERVER_FIELDS):
+            continue
+        tp, _ = _unwrap_optional(hints[f.name])
+        flags = [f"--{f.name}"] + ([ALIASES[f.name]] if f.name in ALIASES else [])
+        help_text = HELP.get(f.name, "")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if tp is bool:
+            action = "store_true" if not default else argparse.BooleanOptionalAction
+            group.add_argument(*flags, action=action, default=default, help=help_text)
+        elif typing.get_origin(tp) is list:
+            (item,) = typing.get_args(tp)
+            group.add_argument(*flags, nargs="+", type=item, default=default, help=help_text)
+        elif f.name in NO_EFFECT_FIELDS:
+            # any text: LazyLLM writes "--nccl_port=None" when it has no port to give
+            group.add_argument(*flags, type=str, default=None, help=help_text)
+        else:
+            shown = help_text if "default" in help_text else f"{help_text} (default: {default})"
+            group.add_argument(*flags, type=tp, default=default, help=shown)
+
+
+def add_lightllm_only_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("accepted for LightLLM compatibility, no effect")
+    for name, takes_value in LIGHTLLM_ONLY_FLAGS:
+        if takes_value:
+            group.add_argument(f"--{name}", nargs="*", default=None, help=argparse.SUPPRESS)
+        else:
+            group.add_argument(f"--{name}", action="store_true", default=None, help=argparse.SUPPRESS)
+
+
+def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> EngineConfig:
+    for name, _ in LIGHTLLM_ONLY_FLAGS:
+        if getattr(args, name, None) is not None:
+            _warn(f"--{name} is a LightLLM flag with no effect here; ignored")
+    values = {}
+    for f in dataclasses.fields(EngineConfig):
+        if not f.init or not hasattr(args, f.name):
+            continue
+        value = getattr(args, f.name)
+        if f.name in NO_EFFECT_FIELDS:
+            if value is not None:
+                _warn(f"--{f.name} has no effect here ({NO_EFFECT_FIELDS[f.name]}); ignored")
+            continue
+        values[f.name] = value
+    if "api_key" in values and values["api_key"] is None:
+        values["api_key"] = os.environ.get(API_KEY_ENV) or None
+    try:
+        return EngineConfig(**values)
+    except ConfigError as exc:
+        parser.error(str(exc))
+
+
+def _warn(message: str) -> None:
+    print(f"lightllm-plugin: warning: {message}", file=sys.stderr, flush=True)
+
+
+# ---- commands ---------------------------------------------------------------------------
+def build_serve_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="Serve a model over HTTP (LightLLM's native API).")
+    add_engine_flags(parser)
+    add_lightllm_only_flags(parser)
+    return parser
+
+
+def serve_main(argv: list[str], prog: str | None = None) -> int:
+    parser = build_serve_parser(prog)
+    config = config_from_args(parser.parse_args(argv), parser)
+    from lightllm_plugin.server.api import builtin_route_hooks
+    from lightllm_plugin.server.launcher import serve
+
+    return serve(config, route_hooks=builtin_route_hooks())
+
+
+def _add_sampling_flags(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--max_new_tokens", type=int, default=max_new_tokens)
+    group.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    group.add_argument("--top_p", type=float, default=1.0)
+    group.add_argument("--top_k", type=int, default=-1)
+
+
+def generate_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="lightllm-plugin generate", description="Answer one prompt and print the text.")
+    parser.add_argument("prompt")
+    parser.add_argument("--no_chat_template", action="store_true", help="send the prompt as raw text")
+    _add_sampling_flags(parser, max_new_tokens=128)
+    add_engine_flags(parser, include_server=False)
+    args = parser.parse_args(argv)
+    config = config_from_args(args, parser)
+
+    from lightllm_plugin.llm import LLM
+    from lightllm_plugin.sampling_params import SamplingParams
+
+    try:
+        params = SamplingParams(
+            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_new_tokens=args.max_new_tokens
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
+    llm = LLM(config=config)
+    if not args.no_chat_template and getattr(llm.tokenizer, "chat_template", None):
+        result = llm.chat([{"role": "user", "content": args.prompt}], params, use_tqdm=False)
+    else:
+        result = llm.generate([args.prompt], params, use_tqdm=False)
+    print(result[0].outputs[0].text)
+    return 0
+
+
+def bench_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="lightllm-plugin bench", description="Offline throughput: a batch of prompts, tokens/s.")
+    parser.add_argument("--num_prompts", type=int, default=16)
+    parser.add_argument("--prompt_len", type=int, default=64, help="prompt length in tokens")
+    _add_sampling_flags(parser, max_new_tokens=64)
+    add_engine_flags(parser, include_server=False)
+    args = parser.parse_args(argv)
+    config = config_from_args(args, parser)
+
+    from lightllm_plugin.llm import LLM
+    from lightllm_plugin.sampling_params import SamplingParams
+
+    llm = LLM(config=config)
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                            max_new_tokens=args.max_new_tokens, ignore_eos=True)
+    vocab = len(llm.tokenizer)
+    # distinct synthetic prompts: no two requests share a prefix
+    prompts = [[(1000 + 7 * i + 13 * j) % vocab for j in range(args.prompt_len)] for i in range(args.num_prompts)]
+    llm.generate(prompts[:1], SamplingParams(max_new_tokens=2, temperature=0.0), use_tqdm=False)  # warm-up
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    elapsed = time.perf_counter() - start
+    generated = sum(len(o.outputs[0].token_ids) for o in outputs)
+    prompt_tokens = args.num_prompts * args.prompt_len
+    print(
+        f"{args.num_prompts} requests, {prompt_tokens} prompt + {generated} generated tokens in {elapsed:.2f} s: "
+        f"{generated / elapsed:.1f} generated tokens/s, {(prompt_tokens + generated) / elapsed:.1f} total tokens/s "
+        f"({config.resolved_device}, {config.resolved_dtype})"
+    )
+    return 0
+
+
+COMMANDS = {"serve": serve_main, "generate": generate_main, "bench": bench_main}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print("usage: lightllm-plugin {serve,generate,bench} [flags]   (each takes --help)", file=sys.stderr)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    command, rest = argv[0], argv[1:]
+    if command == "serve":
+        return serve_main(rest, prog="lightllm-plugin serve")
+    return COMMANDS[command](rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""AsyncEngineClient: how code in the api process (native routes, adapters) runs a request.
+
+It sends the request to the tokenizer processes, and a background task reading the
+pipeline's output socket routes each token to the asyncio queue of the request it
+belongs to. Nothing here waits on the model: every socket operation is asyncio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from lightllm_plugin.sampling_params import SamplingParams
+from lightllm_plugin.server.metrics import ServerMetrics
+from lightllm_plugin.server.protocol import (
+    AbortRequest,
+    Addresses,
+    ApiInbox,
+    EngineStats,
+    OutputBatch,
+    RequestError,
+    TokenizeRequest,
+    TokenOutput,
+    decoder_for,
+    encoder,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class RequestRejected(Exception):
+    """The pipeline refused the request; `message` names the offending field."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+@dataclass
+class _Group:
+    """One client request: n samples, each an engine request of its own."""
+
+    index_of: dict[int, int]  # engine request id -> sample index
+    arrival: float
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    unfinished: set[int] = field(default_factory=set)
+    last_token_time: dict[int, float] = field(default_factory=dict)
+
+
+class AsyncEngineClient:
+    def __init__(self, addresses: Addresses, metrics: ServerMetrics | None = None):
+        self.addresses = addresses
+        self.metrics = metrics or ServerMetrics()
+        self.stats = EngineStats(0, 0, 0, 0)
+        self._groups: dict[int, _Group] = {}
+        self._ids = itertools.count()
+        self._reader: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._failure: str | None = None
+
+    # ---- life cycle ------------------------------------------------------------------
+    async def start(self) -> None:
+        self._ctx = zmq.asyncio.Context()
+        self._from_pipeline = self._socket(zmq.PULL, self.addresses.api, bind=True)
+        self._to_tokenizer = self._socket(zmq.PUSH, self.addresses.tokenizer, bind=True)
+        self._to_router = self._socket(zmq.PUSH, self.addresses.router, bind=False)
+        self._loop = asyncio.get_running_loop()
+        self._reader = asyncio.create_task(self._read_loop(), name="lightllm-plugin-output-reader")
+
+    def _socket(self, kind: int, address: str, *, bind: bool) -> zmq.asyncio.Socket:
+        sock = self._ctx.socket(kind)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.bind(address) if bind else sock.connect(address)
+        return sock
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            try:
+                await self._reader
+            except (asyncio.CancelledError, Exception):
+                pass
+        self._ctx.destroy(linger=0)
+
+    @property
+    def alive(self) -> bool:
+        return self._failure is None and self._reader is not None and not self._reader.done()
+
+    def fail_all_threadsafe(self, message: str) -> None:
+        """The pipeline is gone: end every request now (503) instead of leaving it waiting.
+        Callable from any thread (the launcher's watchdog)."""
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._fail_all, message)
+
+    def _fail_all(self, message: str) -> None:
+        self._failure = message
+        error = RequestError(req_ids=[], message=message, status=503)
+        for group in {id(g): g for g in self._groups.values()}.values():
+            group.queue.put_nowait(error)
+
+    @property
+    def num_pending(self) -> int:
+        return len(self._groups)
+
+    # ---- requests --------------------------------------------------------------------
+    async def generate(
+        self,
+        params: SamplingParams,
+        *,
+        prompt: str | None = None,
+        prompt_ids: list[int] | None = None,
+        messages: list[dict[str, Any]] | None = None,
+        tools: list[dict[str, Any]] | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
+        add_special_tokens: bool = True,
+        field: str = "inputs",
+    ) -> AsyncIterator[tuple[int, TokenOutput]]:
+        """Yield (sample index, token output) until all n samples finish.
+
+        Raises RequestRejected before the first token if the input is refused. Closing the
+        generator early (the client went away) aborts the unfinished samples, which frees
+        their KV slots at once.
+        """
+        if self._failure is not None:
+            raise RequestRejected(self._failure, 503)
+        req_ids = [next(self._ids) for _ in range(params.n)]
+        group = _Group(index_of={r: i for i, r in enumerate(req_ids)}, arrival=time.perf_counter())
+        group.unfinished.update(req_ids)
+        for req_id in req_ids:
+            self._groups[req_id] = group
+        request = TokenizeRequest(
+            req_ids=req_ids,
+            params=params,
+            prompt=prompt,
+            prompt_ids=prompt_ids,
+            messages=messages,
+            tools=tools,
+            chat_template_kwargs=chat_template_kwargs,
+            add_special_tokens=add_special_tokens,
+            field=field,
+        )
+        try:
+            await self._to_tokenizer.send(encoder.encode(request))
+            while group.unfinished:
+                item = await group.queue.get()
+                if isinstance(item, RequestError):
+                    # refused samples hold nothing in the engine; only their siblings need aborting
+                    group.unfinished -= set(item.req_ids) or set(group.unfinished)
+                    if item.status < 500:
+                        self.metrics.requests_rejected.inc(status=str(item.status))
+                    raise RequestRejected(item.message, item.status)
+                if item.finish_reason is not None:
+                    group.unfinished.discard(item.req_id)
+                yield group.index_of[item.req_id], item
+        finally:
+            for req_id in req_ids:
+                self._groups.pop(req_id, None)
+            if group.unfinished:
+                self._abort(sorted(group.unfinished))
+
+    def _abort(self, req_ids: list[int]) -> None:
+        # not awaited: this runs in generator clean-up, where the task may be cancelled; an
+        # unbounded PUSH socket queues the frame at once
+        try:
+            self._to_router.send(encoder.encode(AbortRequest(req_ids=req_ids)))
+        except (zmq.ZMQError, RuntimeError):  # shutting down (socket or loop closed): the router goes too
+            return
+        self.metrics.requests_finished.inc(len(req_ids), finish_reason="abort")
+
+    # ---- the output reader -------------------------------------------------------------
+    async def _read_loop(self) -> None:
+        decoder = decoder_for(ApiInbox)
+        while True:
+            frame = await self._from_pipeline.recv()
+            try:
+                msg = decoder.decode(frame)
+            except msgspec.DecodeError:
+                logger.exception("dropping an undecodable pipeline message")
+                continue
+            if isinstance(msg, OutputBatch):
+                now = time.perf_counter()
+                for output in msg.outputs:
+                    self._deliver(output, now)
+            elif isinstance(msg, EngineStats):
+                self._record_stats(msg)
+            elif isinstance(msg, RequestError):
+                for group in {id(g): g for r in msg.req_ids if (g := self._groups.get(r))}.values():
+                    group.queue.put_nowait(msg)
+
+    def _deliver(self, output: TokenOutput, now: float) -> None:
+        group = self._groups.get(output.req_id)
+        if group is None:
+            return  # aborted while this token was on its way
+        m = self.metrics
+        last = group.last_token_time.get(output.req_id)
+        if last is None:
+            m.time_to_first_token.observe(now - group.arrival)
+            m.prompt_tokens.inc(output.prompt_len)
+        else:
+            m.inter_token_latency.observe(now - last)
+        group.last_token_time[output.req_id] = now
+        m.generation_tokens.inc()
+        if output.finish_reason is not None:
+            m.requests_finished.inc(finish_reason=output.finish_reason)
+        group.queue.put_nowait(output)
+
+    def _record_stats(self, stats: EngineStats) -> None:
+        self.stats = stats
+        m = self.metrics
+        m.num_running.set(stats.num_running)
+        m.num_waiting.set(stats.num_waiting)
+        m.kv_slots_used.set(stats.used_slots)
+        m.kv_slots_total.set(stats.total_slots)

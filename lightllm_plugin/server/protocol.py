@@ -1,0 +1,179 @@
+"""The messages that cross process boundaries, one tagged union per receiving socket.
+
+Every socket carries msgspec structs encoded with msgpack and decoded against the union
+that socket accepts, so a peer can only ever make the receiver build these plain structs:
+nothing on any socket is unpickled.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Union
+
+import msgspec
+
+from lightllm_plugin.engine.outputs import TokenEvent
+from lightllm_plugin.sampling_params import SamplingParams
+
+
+# ---- api -> tokenizer -------------------------------------------------------------------
+class TokenizeRequest(msgspec.Struct, tag=True, kw_only=True):
+    """One client request; exactly one of prompt, prompt_ids, messages is set."""
+
+    req_ids: list[int]  # one id per sample, len == params.n
+    params: SamplingParams
+    prompt: str | None = None
+    prompt_ids: list[int] | None = None
+    messages: list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    add_special_tokens: bool = True
+    field: str = "inputs"  # how the client named the prompt, so errors can name it too
+
+
+# ---- tokenizer / api / detokenizer -> router -------------------------------------------
+class AddRequest(msgspec.Struct, tag=True):
+    req_id: int
+    prompt_ids: list[int]
+    params: SamplingParams  # n == 1
+
+
+class AbortRequest(msgspec.Struct, tag=True):
+    """The client went away: free the request's slots, emit nothing more."""
+
+    req_ids: list[int]
+
+
+class FinishRequest(msgspec.Struct, tag=True):
+    """The detokenizer matched a stop string: the request is complete, stop computing it."""
+
+    req_id: int
+
+
+RouterInbox = Union[AddRequest, AbortRequest, FinishRequest]
+
+
+# ---- router -> detokenizer --------------------------------------------------------------
+class DetokenizeStart(msgspec.Struct, tag=True):
+    """Sent before the request's first token so the detokenizer knows how to render it."""
+
+    req_id: int
+    prompt_tail: list[int]  # last prompt tokens: context so the first word keeps its leading space
+    stop: list[str]
+    skip_special_tokens: bool
+
+
+class TokenBatch(msgspec.Struct, tag=True):
+    events: list[TokenEvent]
+
+
+class DetokenizeForget(msgspec.Struct, tag=True):
+    """Aborted requests: drop their state, no output follows."""
+
+    req_ids: list[int]
+
+
+DetokenizerInbox = Union[DetokenizeStart, TokenBatch, DetokenizeForget]
+
+
+# ---- detokenizer / router / tokenizer -> api --------------------------------------------
+class TokenOutput(msgspec.Struct, array_like=True):
+    req_id: int
+    token_id: int
+    text: str  # text this token releases; "" while bytes of a character or a possible stop string are held back
+    logprob: float | None
+    top_logprobs: list[tuple[int, float]] | None
+    special: bool
+    finish_reason: str | None  # None while running; "stop", "length" or "abort"
+    output_len: int
+    prompt_len: int
+    # the strings of the chosen token and of each top_logprobs id, in that order; rendered
+    # only when top alternatives were asked for (logprobs >= 1), so plain requests pay nothing
+    logprob_tokens: list[str] | None = None
+
+
+class OutputBatch(msgspec.Struct, tag=True):
+    outputs: list[TokenOutput]
+
+
+class RequestError(msgspec.Struct, tag=True):
+    """The request was refused (bad input); nothing of it is running."""
+
+    req_ids: list[int]
+    message: str
+    status: int = 400
+
+
+class EngineStats(msgspec.Struct, tag=True):
+    num_running: int
+    num_waiting: int
+    used_slots: int
+    total_slots: int
+
+
+ApiInbox = Union[OutputBatch, RequestError, EngineStats]
+
+
+# ---- children -> launcher ---------------------------------------------------------------
+class Ready(msgspec.Struct, tag=True, kw_only=True):
+    role: str
+    pid: int
+    # filled by the router, which is the one process that loads the model
+    total_slots: int = 0
+    eos_ids: list[int] = []
+    model_path: str = ""
+    dtype: str = ""
+    device: str = ""
+    # the limits in force: the engine lowers them to the model's context length
+    max_req_total_len: int = 0
+    max_req_input_len: int = 0
+
+
+ControlInbox = Ready
+
+
+# ---- launcher -> tokenizer (over a private pipe, once) ----------------------------------
+class Limits(msgspec.Struct):
+    """The length limits in force, known only once the router has loaded the model."""
+
+    max_req_total_len: int
+    max_req_input_len: int
+
+
+# ---- addresses ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Addresses:
+    """ipc:// endpoints, all inside one private run directory."""
+
+    run_dir: str
+
+    def _ipc(self, name: str) -> str:
+        return "ipc://" + os.path.join(self.run_dir, name)
+
+    @property
+    def tokenizer(self) -> str:
+        return self._ipc("tokenizer")
+
+    @property
+    def router(self) -> str:
+        return self._ipc("router")
+
+    @property
+    def detokenizer(self) -> str:
+        return self._ipc("detokenizer")
+
+    @property
+    def api(self) -> str:
+        return self._ipc("api")
+
+    @property
+    def control(self) -> str:
+        return self._ipc("control")
+
+
+encoder = msgspec.msgpack.Encoder()
+
+
+def decoder_for(inbox: Any) -> msgspec.msgpack.Decoder:
+    return msgspec.msgpack.Decoder(inbox)

@@ -1,0 +1,171 @@
+"""The router process: owns the EngineCore (model, KV slots, scheduler) and steps it.
+
+Loop: take every queued add/abort/finish without waiting, run one step while anything is
+unfinished, otherwise sleep in poll until a message comes. Token events go to the
+detokenizer, one message per step; load figures go straight to the api.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import zmq
+
+from lightllm_plugin.config import EngineConfig
+from lightllm_plugin.sampling_params import SamplingParams
+from lightllm_plugin.server import child_process
+from lightllm_plugin.server.detokenizer import PROMPT_CONTEXT_TOKENS
+from lightllm_plugin.server.protocol import (
+    AbortRequest,
+    AddRequest,
+    Addresses,
+    DetokenizeForget,
+    DetokenizeStart,
+    EngineStats,
+    FinishRequest,
+    Ready,
+    RequestError,
+    RouterInbox,
+    TokenBatch,
+    decoder_for,
+    encoder,
+)
+
+logger = logging.getLogger(__name__)
+
+STATS_INTERVAL_S = 0.1  # at most this often while busy; always once on going idle
+IDLE_POLL_MS = 500  # how often an idle router checks its parent
+# an abort may overtake its own add (the add is still in the tokenizer); remember it this long
+EARLY_ABORT_TTL_S = 60.0
+
+
+class Router:
+    def __init__(self, core, to_detokenizer: zmq.Socket, to_api: zmq.Socket):
+        self.core = core
+        self.to_detokenizer = to_detokenizer
+        self.to_api = to_api
+        self.early_aborts: dict[int, float] = {}
+        self._last_stats: EngineStats | None = None
+        self._last_stats_time = 0.0
+
+    # ---- inbox ---------------------------------------------------------------------
+    def handle(self, msg) -> None:
+        if isinstance(msg, AddRequest):
+            self._add(msg)
+        elif isinstance(msg, AbortRequest):
+            aborted = [r for r in msg.req_ids if self.core.abort(r)]
+            now = time.monotonic()
+            for req_id in set(msg.req_ids) - set(aborted):
+                self.early_aborts[req_id] = now
+            if aborted:
+                self.to_detokenizer.send(encoder.encode(DetokenizeForget(req_ids=aborted)))
+        elif isinstance(msg, FinishRequest):
+            self.core.finish(msg.req_id)
+
+    def _add(self, msg: AddRequest) -> None:
+        if self.early_aborts.pop(msg.req_id, None) is not None:
+            return
+        try:
+            self.core.add_request(msg.req_id, msg.prompt_ids, msg.params)
+        except ValueError as exc:
+            self.to_api.send(encoder.encode(RequestError(req_ids=[msg.req_id], message=str(exc))))
+            return
+        start = DetokenizeStart(
+            req_id=msg.req_id,
+            prompt_tail=msg.prompt_ids[-PROMPT_CONTEXT_TOKENS:],
+            stop=msg.params.stop,
+            skip_special_tokens=msg.params.skip_special_tokens,
+        )
+        self.to_detokenizer.send(encoder.encode(start))
+
+    def expire_early_aborts(self) -> None:
+        if not self.early_aborts:
+            return
+        cutoff = time.monotonic() - EARLY_ABORT_TTL_S
+        for req_id in [r for r, t in self.early_aborts.items() if t < cutoff]:
+            del self.early_aborts[req_id]
+
+    # ---- the loop ----------------------------------------------------------------------
+    def run(self, inbox: zmq.Socket, parent_pid: int) -> None:
+        core = self.core
+        decoder = decoder_for(RouterInbox)
+        self.report_stats(force=True)
+        while child_process.parent_alive(parent_pid):
+            # busy: take what is queued without waiting; idle: sleep until a message comes
+            if core.has_unfinished() or inbox.poll(IDLE_POLL_MS):
+                while True:
+                    try:
+                        frame = inbox.recv(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self.handle(decoder.decode(frame))
+            if core.has_unfinished():
+                self.step()
+                self.report_stats()
+            else:
+                self.report_stats(force=True)
+                self.expire_early_aborts()
+
+    # ---- stepping --------------------------------------------------------------------
+    def step(self) -> None:
+        events = self.core.step()
+        if events:
+            self.to_detokenizer.send(encoder.encode(TokenBatch(events=events)))
+
+    def report_stats(self, force: bool = False) -> None:
+        core = self.core
+        stats = EngineStats(core.num_running, core.num_waiting, core.used_slots, core.total_slots)
+        now = time.monotonic()
+        if stats == self._last_stats or (not force and now - self._last_stats_time < STATS_INTERVAL_S):
+            return
+        self.to_api.send(encoder.encode(stats))
+        self._last_stats, self._last_stats_time = stats, now
+
+
+def warm_up(core) -> None:
+    """One tiny request through prefill and decode, so the first client does not pay for
+    lazy initialisation (allocator growth, kernel selection)."""
+    req_id = -1
+    core.add_request(req_id, list(range(10, 18)), SamplingParams(temperature=0.0, max_new_tokens=2, ignore_eos=True))
+    while core.has_unfinished():
+        core.step()
+
+
+def run_router(config: EngineConfig, addresses: Addresses, parent_pid: int) -> None:
+    """Process entry point."""
+    child_process.bootstrap("router", parent_pid)
+    # The api, tokenizer and detokenizer processes share the CPU with this one. OpenMP's
+    # default spin-waiting makes torch's CPU ops 10-20x slower as soon as another process
+    # holds a core; passive waiting costs little. Must be set before torch loads.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from lightllm_plugin.engine.core import EngineCore  # torch is heavy: import in the child only
+
+    # a context left with open sockets would block the exit once the parent is gone
+    with child_process.zmq_context() as ctx:
+        inbox = child_process.open_socket(ctx, zmq.PULL, addresses.router, bind=True)
+        to_detokenizer = child_process.open_socket(ctx, zmq.PUSH, addresses.detokenizer, bind=False)
+        to_api = child_process.open_socket(ctx, zmq.PUSH, addresses.api, bind=False)
+        control = child_process.open_socket(ctx, zmq.PUSH, addresses.control, bind=False)
+
+        # with its tokenizer, as the offline LLM does: the tokenizer's eos id joins the stop ids
+        core = EngineCore(config, progress=True)
+        warm_up(core)
+        control.send(
+            encoder.encode(
+                Ready(
+                    role="router",
+                    pid=os.getpid(),
+                    total_slots=core.total_slots,
+                    eos_ids=list(config.resolved_eos_ids),
+                    model_path=config.resolved_model_path,
+                    dtype=config.resolved_dtype,
+                    device=config.resolved_device,
+                    max_req_total_len=config.max_req_total_len,
+                    max_req_input_len=config.max_req_input_len,
+                )
+            )
+        )
+        router = Router(core, to_detokenizer, to_api)
+        router.run(inbox, parent_pid)

@@ -1,0 +1,149 @@
+"""The tokenizer process: text or chat messages in, checked token ids out.
+
+Tokenizing and rendering chat templates are CPU work that would stall the asyncio front
+end, so they live here. Several of these processes may pull from the same socket.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from multiprocessing.connection import Connection
+
+import msgspec
+import zmq
+
+from lightllm_plugin.config import EngineConfig
+from lightllm_plugin.sampling_params import SamplingParams
+from lightllm_plugin.server import child_process
+from lightllm_plugin.server.protocol import (
+    AddRequest,
+    Addresses,
+    Limits,
+    Ready,
+    RequestError,
+    TokenizeRequest,
+    decoder_for,
+    encoder,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def encode_prompt(tokenizer, req: TokenizeRequest) -> list[int]:
+    """Token ids of the request's prompt, before any length check. ValueError names the field."""
+    if req.prompt_ids is not None:
+        return list(req.prompt_ids)
+    if req.messages is not None:
+        if not req.messages:
+            raise ValueError("messages must not be empty")
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise ValueError("messages: this model has no chat template; send the prompt as text instead")
+        if req.tools and not template_takes_tools(tokenizer.chat_template):
+            raise ValueError("tools: this model's chat template does not take tools")
+        try:
+            text = tokenizer.apply_chat_template(
+                req.messages,
+                tools=req.tools,
+                add_generation_prompt=True,
+                tokenize=False,
+                **(req.chat_template_kwargs or {}),
+            )
+        except Exception as exc:  # jinja raises its own types for a malformed conversation
+            raise ValueError(f"messages: the chat template could not render them: {exc}") from None
+        # the rendered template already holds any bos token
+        return tokenizer.encode(text, add_special_tokens=False)
+    if req.prompt is None or req.prompt == "":
+        raise ValueError(f"{req.field} must not be empty")
+    return tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+
+
+def template_takes_tools(template: str | dict[str, str]) -> bool:
+    """Whether a chat template reads `tools` (one that does not would drop them silently)."""
+    sources = template.values() if isinstance(template, dict) else [template]
+    return any("tools" in source for source in sources)
+
+
+def fit_prompt(ids: list[int], params: SamplingParams, config: EngineConfig, field: str) -> list[int]:
+    """Apply the server's length limits: refuse, or cut per long_truncation_mode."""
+    if not ids:
+        raise ValueError(f"{field} must not be empty")
+    room_for_prompt = min(config.max_req_input_len, config.max_req_total_len - params.max_new_tokens)
+    if room_for_prompt < 1:
+        raise ValueError(
+            f"max_new_tokens={params.max_new_tokens} leaves no room for a prompt within "
+            f"max_req_total_len={config.max_req_total_len}"
+        )
+    if len(ids) <= room_for_prompt:
+        return ids
+    if config.long_truncation_mode is None:
+        if len(ids) > config.max_req_input_len:
+            raise ValueError(
+                f"{field} is {len(ids)} tokens long, more than max_req_input_len={config.max_req_input_len}"
+            )
+        raise ValueError(
+            f"{field} ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds "
+            f"max_req_total_len={config.max_req_total_len}"
+        )
+    # LightLLM's naming: "head" cuts the head off (keeps the end), "tail" cuts the tail off
+    if config.long_truncation_mode == "head":
+        return ids[-room_for_prompt:]
+    return ids[:room_for_prompt]
+
+
+def expand_samples(req: TokenizeRequest, ids: list[int]) -> list[AddRequest]:
+    """n samples become n engine requests; a seeded request gives sample i the seed + i."""
+    adds = []
+    for i, req_id in enumerate(req.req_ids):
+        seed = None if req.params.seed is None else req.params.seed + i
+        params = msgspec.structs.replace(req.params, n=1, seed=seed)
+        adds.append(AddRequest(req_id=req_id, prompt_ids=ids, params=params))
+    return adds
+
+
+def handle(tokenizer, req: TokenizeRequest, config: EngineConfig) -> list[AddRequest] | RequestError:
+    try:
+        ids = fit_prompt(encode_prompt(tokenizer, req), req.params, config, req.field)
+    except ValueError as exc:
+        return RequestError(req_ids=req.req_ids, message=str(exc))
+    except Exception as exc:  # one odd input must not take the pipeline down
+        logger.exception("tokenizing request %s failed", req.req_ids[:1])
+        return RequestError(req_ids=req.req_ids, message=f"tokenization failed: {exc}", status=500)
+    return expand_samples(req, ids)
+
+
+def wait_for_limits(limits_pipe: Connection, parent_pid: int) -> Limits:
+    while not limits_pipe.poll(1.0):
+        if not child_process.parent_alive(parent_pid):
+            sys.exit(1)
+    return decoder_for(Limits).decode(limits_pipe.recv_bytes())
+
+
+def run_tokenizer(
+    config: EngineConfig, addresses: Addresses, parent_pid: int, limits_pipe: Connection, index: int = 0
+) -> None:
+    """Process entry point. Loads the tokenizer while the router loads the model, then
+    waits for the length limits the engine settled on (it caps them at the model's context)."""
+    child_process.bootstrap(f"tokenizer{index}", parent_pid)
+    tokenizer = child_process.load_tokenizer_for(config)
+    limits = wait_for_limits(limits_pipe, parent_pid)
+    config = config.replace(max_req_total_len=limits.max_req_total_len, max_req_input_len=limits.max_req_input_len)
+    # a context left with open sockets would block the exit once the parent is gone
+    with child_process.zmq_context() as ctx:
+        inbox = child_process.open_socket(ctx, zmq.PULL, addresses.tokenizer, bind=False)
+        to_router = child_process.open_socket(ctx, zmq.PUSH, addresses.router, bind=False)
+        to_api = child_process.open_socket(ctx, zmq.PUSH, addresses.api, bind=False)
+        control = child_process.open_socket(ctx, zmq.PUSH, addresses.control, bind=False)
+        control.send(encoder.encode(Ready(role=f"tokenizer{index}", pid=os.getpid())))
+        decoder = decoder_for(TokenizeRequest)
+        while child_process.parent_alive(parent_pid):
+            if not inbox.poll(1000):
+                continue
+            req = decoder.decode(inbox.recv())
+            result = handle(tokenizer, req, config)
+            if isinstance(result, RequestError):
+                to_api.send(encoder.encode(result))
+            else:
+                for add in result:
+                    to_router.send(encoder.encode(add))

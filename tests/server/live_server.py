@@ -1,0 +1,134 @@
+"""A real server in a subprocess on 127.0.0.1, and small helpers to talk to it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import psutil
+import pytest
+
+STARTUP_TIMEOUT_S = 300  # first run on a fresh machine converts the tokenizer and loads the model
+SHUTDOWN_TIMEOUT_S = 20
+# memory stays small on CI: a modest KV pool, short requests
+BASE_FLAGS = ["--max_total_token_num", "8192", "--max_req_input_len", "256", "--max_req_total_len", "512"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    def __init__(self, *flags: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "lightllm_plugin.server", "--port", str(self.port), *BASE_FLAGS, *flags]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        self.lines: list[str] = []
+        self._ready = threading.Event()
+        threading.Thread(target=self._pump, daemon=True).start()
+        self.descendants: list[psutil.Process] = []
+        self.run_dir: str | None = None
+
+    def _pump(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            sys.stderr.write(f"[server] {line}")
+            if f"Uvicorn running on {self.url}" in line:
+                self._ready.set()
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while not self._ready.wait(0.5):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode} before it was ready:\n{self.output}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server not ready after {STARTUP_TIMEOUT_S}s:\n{self.output}")
+        me = psutil.Process(self.proc.pid)
+        self.descendants = me.children(recursive=True)
+        dirs = {os.path.dirname(c.laddr) for c in me.net_connections(kind="unix") if "lightllm-plugin-" in (c.laddr or "")}
+        self.run_dir = dirs.pop() if len(dirs) == 1 else None
+
+    def child(self, role: str) -> psutil.Process:
+        """A pipeline child by its role; each names itself lightllm:<role> (15 chars at most)."""
+        name = f"lightllm:{role}"[:15]
+        matches = [p for p in self.descendants if p.is_running() and p.name() == name]
+        assert len(matches) == 1, f"expected one {name} among {[p.name() for p in self.descendants]}"
+        return matches[0]
+
+    def leftover_processes(self, timeout: float = 10.0) -> list[psutil.Process]:
+        _, alive = psutil.wait_procs(self.descendants, timeout=timeout)
+        return alive
+
+    def stop(self) -> int:
+        """SIGTERM, then SIGKILL if it hangs; the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(SHUTDOWN_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        return self.proc.returncode
+
+    def reap(self) -> list[int]:
+        """Kill whatever the server left behind; the pids that were still alive."""
+        alive = self.leftover_processes(timeout=10)
+        for p in alive:
+            p.kill()
+        return [p.pid for p in alive]
+
+
+@pytest.fixture(scope="module")
+def launch_server():
+    """Start servers with launch_server(*flags); teardown checks SIGTERM stops each cleanly."""
+    started: list[ServerProcess] = []
+
+    def launch(*flags: str) -> ServerProcess:
+        server = ServerProcess(*flags)
+        started.append(server)
+        server.wait_ready()
+        return server
+
+    yield launch
+    for server in started:
+        was_running = server.proc.poll() is None
+        code = server.stop()
+        leftovers = server.reap()
+        if was_running:
+            assert code == 0, f"SIGTERM should stop the server with exit code 0, got {code}"
+            assert not leftovers, f"processes {leftovers} outlived the server"
+            assert server.run_dir and not os.path.exists(server.run_dir), "run dir left behind"
+
+
+def metric(server: ServerProcess, name: str) -> float:
+    text = httpx.get(server.url + "/metrics", timeout=10).text
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise KeyError(name)
+
+
+def sse_events(lines) -> list[dict]:
+    """LightLLM's stream framing: `data:{json}` events, no [DONE] line."""
+    events = []
+    for line in lines:
+        if not line:
+            continue
+        assert line.startswith("data:"), line
+        assert line != "data:[DONE]"
+        events.append(json.loads(line[len("data:"):]))
+    return events
