@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import shutil
+import subprocess
 import tempfile
 import time
 
@@ -41,12 +42,15 @@ import lazyllm  # noqa: E402
 from lazyllm import deploy  # noqa: E402
 
 import lightllm_plugin.adapters.lazyllm as adapter  # noqa: E402
+from lightllm_plugin.server.launcher import RUN_DIR_PREFIX, remove_stale_run_dirs  # noqa: E402
 
 
-def _deploy_job(module):
+def _deploy_job(module, last=False):
     launcher = module._impl._launchers["default"]["deploy"]
-    ((_, job),) = launcher.all_processes[launcher._id]
-    return job
+    jobs = launcher.all_processes[launcher._id]  # one entry per (re)start
+    if not last:
+        assert len(jobs) == 1
+    return jobs[-1][1]
 
 
 def _bounded(fn, timeout, *args, **kw):
@@ -135,10 +139,44 @@ def test_url_reaches_a_running_server_without_launching_one(served):
     assert "Paris" in _bounded(client, CALL_TIMEOUT_S, QUESTION)
 
 
+def _run_dirs(processes) -> set[str]:
+    dirs = set()
+    for proc in processes:
+        for conn in proc.net_connections(kind="unix"):
+            if conn.laddr and os.path.basename(os.path.dirname(conn.laddr)).startswith(RUN_DIR_PREFIX):
+                dirs.add(os.path.dirname(conn.laddr))
+    return dirs
+
+
 def test_stop_leaves_no_process_behind(served):
     module, processes = served["module"], served["processes"]
     assert len(processes) >= 4 and all(p.is_running() for p in processes)  # launcher + router, detokenizer, tokenizer
+    run_dirs = _run_dirs(processes)
+    assert len(run_dirs) == 1
     served["stopped"] = True
     module.stop()
     _, alive = psutil.wait_procs(processes, timeout=STOP_TIMEOUT_S)
     assert not alive, f"left running: {[(p.pid, p.name()) for p in alive]}"
+    # LazyLLM stops its jobs with SIGKILL, so the server could not remove its socket folder;
+    # the next server start does (this is the call it makes)
+    remove_stale_run_dirs()
+    assert not any(os.path.exists(d) for d in run_dirs)
+
+
+def test_a_bad_model_path_is_a_failed_start_not_a_hang(tmp_path):
+    module = lazyllm.TrainableModule(str(tmp_path / "no-such-model")).deploy_method(deploy.lightllm)
+    try:
+        # LazyLLM retries a failed start 3 times, then gives up
+        with pytest.raises(Exception, match="Job failed"):
+            _bounded(module.start, START_TIMEOUT_S)
+        job = _deploy_job(module, last=True)
+        assert job.ps.wait(STOP_TIMEOUT_S) == 1
+    finally:
+        try:
+            module.stop()
+        except RuntimeError:
+            pass
+    # LazyLLM ends an attempt at once on a line starting "ERROR:"; the job's command prints one
+    run = subprocess.run(job._fixed_cmd.cmd, shell=True, capture_output=True, text=True, timeout=START_TIMEOUT_S)
+    errors = [line for line in run.stderr.splitlines() if line.lstrip().startswith("ERROR:")]
+    assert run.returncode == 1 and len(errors) == 1 and "cannot serve --model_dir" in errors[0], run.stderr
