@@ -40,6 +40,11 @@ def say(message: str) -> None:
     print(f"lightllm-plugin: {message}", file=sys.stderr, flush=True)
 
 
+def fail(message: str) -> None:
+    """A fatal error, in uvicorn's form: LazyLLM reads a line starting "ERROR:" as a failed start."""
+    print(f"ERROR:    lightllm-plugin: {message}", file=sys.stderr, flush=True)
+
+
 @dataclass
 class Child:
     role: str  # "router", "detokenizer", "tokenizer0", ...
@@ -157,7 +162,7 @@ class Watchdog(threading.Thread):
             dead = self.pipeline.wait_for_death(0.5)
             if dead is not None and not self._stopping.is_set():
                 self.dead = dead
-                say(f"{dead.describe()} {dead.describe_exit()}; shutting down")
+                fail(f"{dead.describe()} {dead.describe_exit()}; shutting down")
                 self.on_death(dead)
                 return
 
@@ -190,6 +195,39 @@ def check_port_free(host: str, port: int) -> None:
         sock.bind((host, port))
 
 
+RUN_DIR_PREFIX = "lightllm-plugin-"
+
+
+def make_run_dir() -> str:
+    """A private (0700) directory for the sockets, named after this process."""
+    return tempfile.mkdtemp(prefix=f"{RUN_DIR_PREFIX}{os.getpid()}-")
+
+
+def remove_stale_run_dirs(parent: str | None = None) -> None:
+    """A server killed outright (SIGKILL, which is how LazyLLM stops its jobs) cannot remove
+    its run directory; the next server start removes those whose owner process is gone."""
+    import psutil
+
+    parent = parent or tempfile.gettempdir()
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return
+    for entry in entries:
+        if not entry.name.startswith(RUN_DIR_PREFIX):
+            continue
+        pid, sep, _ = entry.name[len(RUN_DIR_PREFIX):].partition("-")
+        if not sep or not pid.isdigit():  # not ours, or from before the pid was in the name
+            continue
+        try:
+            if not entry.is_dir(follow_symlinks=False) or entry.stat(follow_symlinks=False).st_uid != os.getuid():
+                continue
+        except OSError:
+            continue
+        if not psutil.pid_exists(int(pid)):
+            shutil.rmtree(entry.path, ignore_errors=True)
+
+
 def resolve_model(config: EngineConfig) -> EngineConfig:
     """Fetch the default model once, here, so the children do not race to download it."""
     from lightllm_plugin.models.tokenizer import resolve_model_path
@@ -208,25 +246,26 @@ def serve(config: EngineConfig, route_hooks: Iterable = ()) -> int:
     # SIGTERM takes the same path as Ctrl+C: every child stopped, the run directory removed
     previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     previous_term = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-    run_dir = tempfile.mkdtemp(prefix="lightllm-plugin-")  # mode 0700: only this user reaches the sockets
+    remove_stale_run_dirs()
+    run_dir = make_run_dir()  # mode 0700: only this user reaches the sockets
     pipeline: Pipeline | None = None
     watchdog: Watchdog | None = None
     try:
         try:
             check_port_free(config.host, config.port)
         except OSError as exc:
-            say(f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}")
+            fail(f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}")
             return 1
         try:
             config = resolve_model(config)
         except (OSError, ValueError, RuntimeError) as exc:
-            say(f"cannot serve --model_dir {config.model_dir}: {exc}")
+            fail(f"cannot serve --model_dir {config.model_dir}: {exc}")
             return 1
         pipeline = Pipeline(config, Addresses(run_dir))
         try:
             ready = pipeline.start()
         except ChildDied as exc:
-            say(f"{exc} while starting; see its error above")
+            fail(f"{exc} while starting; see its error above")
             return 1
         config.total_slots = ready.total_slots
         config.resolved_eos_ids = list(ready.eos_ids)

@@ -65,31 +65,27 @@ def template_takes_tools(template: str | dict[str, str]) -> bool:
     return any("tools" in source for source in sources)
 
 
-def fit_prompt(ids: list[int], params: SamplingParams, config: EngineConfig, field: str) -> list[int]:
-    """Apply the server's length limits: refuse, or cut per long_truncation_mode."""
+def fit_prompt(
+    ids: list[int], params: SamplingParams, config: EngineConfig, field: str
+) -> tuple[list[int], SamplingParams]:
+    """Apply the server's length limits as LightLLM does: a prompt over max_req_input_len is
+    refused, or cut per long_truncation_mode; then max_new_tokens is lowered to the room left
+    within max_req_total_len. (LazyLLM asks for 8192 new tokens whatever the model's context;
+    refusing that would refuse every LazyLLM request to a model of 8192 tokens or fewer.)"""
     if not ids:
         raise ValueError(f"{field} must not be empty")
-    room_for_prompt = min(config.max_req_input_len, config.max_req_total_len - params.max_new_tokens)
-    if room_for_prompt < 1:
-        raise ValueError(
-            f"max_new_tokens={params.max_new_tokens} leaves no room for a prompt within "
-            f"max_req_total_len={config.max_req_total_len}"
+    limit = config.max_req_input_len
+    if len(ids) > limit:
+        if config.long_truncation_mode is None:
+            raise ValueError(f"{field} is {len(ids)} tokens long, more than max_req_input_len={limit}")
+        # LightLLM's naming: "head" cuts the head off (keeps the end), "tail" cuts the tail off
+        ids = ids[-limit:] if config.long_truncation_mode == "head" else ids[:limit]
+    room = config.max_req_total_len - len(ids)  # >= 1: max_req_input_len < max_req_total_len
+    if params.max_new_tokens > room:
+        params = msgspec.structs.replace(
+            params, max_new_tokens=room, min_new_tokens=min(params.min_new_tokens, room)
         )
-    if len(ids) <= room_for_prompt:
-        return ids
-    if config.long_truncation_mode is None:
-        if len(ids) > config.max_req_input_len:
-            raise ValueError(
-                f"{field} is {len(ids)} tokens long, more than max_req_input_len={config.max_req_input_len}"
-            )
-        raise ValueError(
-            f"{field} ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds "
-            f"max_req_total_len={config.max_req_total_len}"
-        )
-    # LightLLM's naming: "head" cuts the head off (keeps the end), "tail" cuts the tail off
-    if config.long_truncation_mode == "head":
-        return ids[-room_for_prompt:]
-    return ids[:room_for_prompt]
+    return ids, params
 
 
 def expand_samples(req: TokenizeRequest, ids: list[int]) -> list[AddRequest]:
@@ -104,13 +100,13 @@ def expand_samples(req: TokenizeRequest, ids: list[int]) -> list[AddRequest]:
 
 def handle(tokenizer, req: TokenizeRequest, config: EngineConfig) -> list[AddRequest] | RequestError:
     try:
-        ids = fit_prompt(encode_prompt(tokenizer, req), req.params, config, req.field)
+        ids, params = fit_prompt(encode_prompt(tokenizer, req), req.params, config, req.field)
     except ValueError as exc:
         return RequestError(req_ids=req.req_ids, message=str(exc))
     except Exception as exc:  # one odd input must not take the pipeline down
         logger.exception("tokenizing request %s failed", req.req_ids[:1])
         return RequestError(req_ids=req.req_ids, message=f"tokenization failed: {exc}", status=500)
-    return expand_samples(req, ids)
+    return expand_samples(msgspec.structs.replace(req, params=params), ids)
 
 
 def wait_for_limits(limits_pipe: Connection, parent_pid: int) -> Limits:

@@ -43,19 +43,30 @@ def test_too_long_prompt_is_refused_without_truncation_mode():
         fit_prompt(list(range(9)), SamplingParams(max_new_tokens=1), CONFIG, "inputs")
 
 
-def test_prompt_plus_output_over_the_total_is_refused():
-    with pytest.raises(ValueError, match="max_req_total_len=12"):
-        fit_prompt(list(range(8)), SamplingParams(max_new_tokens=5), CONFIG, "inputs")
+def test_max_new_tokens_is_lowered_to_the_room_left():
+    # LightLLM's rule; LazyLLM sends max_new_tokens=8192 whatever the model's context
+    ids, params = fit_prompt(list(range(8)), SamplingParams(max_new_tokens=5, min_new_tokens=5), CONFIG, "inputs")
+    assert ids == list(range(8)) and (params.max_new_tokens, params.min_new_tokens) == (4, 4)
+    ids, params = fit_prompt([1, 2], SamplingParams(max_new_tokens=8192), CONFIG, "inputs")
+    assert ids == [1, 2] and params.max_new_tokens == 10
+    kept = SamplingParams(max_new_tokens=3)
+    assert fit_prompt([1, 2], kept, CONFIG, "inputs")[1] is kept
 
 
 def test_head_mode_keeps_the_end_and_tail_mode_keeps_the_start():
     ids = list(range(20))
-    head = fit_prompt(ids, SamplingParams(max_new_tokens=2), CONFIG.replace(long_truncation_mode="head"), "inputs")
-    tail = fit_prompt(ids, SamplingParams(max_new_tokens=2), CONFIG.replace(long_truncation_mode="tail"), "inputs")
-    assert head == list(range(12, 20)) and tail == list(range(8))
-    # the cut also leaves room for the output
-    short = fit_prompt(ids, SamplingParams(max_new_tokens=6), CONFIG.replace(long_truncation_mode="head"), "inputs")
-    assert short == list(range(14, 20))
+    head, params = fit_prompt(ids, SamplingParams(max_new_tokens=2), CONFIG.replace(long_truncation_mode="head"), "inputs")
+    tail, _ = fit_prompt(ids, SamplingParams(max_new_tokens=2), CONFIG.replace(long_truncation_mode="tail"), "inputs")
+    assert head == list(range(12, 20)) and tail == list(range(8)) and params.max_new_tokens == 2
+    # the prompt keeps max_req_input_len tokens; the output gets what is left of the total
+    short, params = fit_prompt(ids, SamplingParams(max_new_tokens=6), CONFIG.replace(long_truncation_mode="head"), "inputs")
+    assert short == list(range(12, 20)) and params.max_new_tokens == 4
+
+
+def test_handle_sends_the_lowered_max_new_tokens(tokenizer):
+    req = TokenizeRequest(req_ids=[0, 1], params=SamplingParams(n=2, max_new_tokens=8192), prompt="Hi")
+    adds = handle(tokenizer, req, CONFIG)
+    assert [a.params.max_new_tokens for a in adds] == [12 - len(adds[0].prompt_ids)] * 2
 
 
 def test_n_samples_become_n_requests_with_distinct_seeds():
