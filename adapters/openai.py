@@ -352,7 +352,8 @@ async def merged(
 ) -> AsyncIterator[tuple[int, int, TokenOutput]]:
     """(prompt index, sample index, output) for all prompts, as the tokens come. Closing
     this closes every prompt's stream, which aborts what is still running."""
-    streams = [client.generate(job.params, **p) for p in job.prompts]
+    # OpenAI clients expect prompt + max_tokens over the context to be refused, not shortened
+    streams = [client.generate(job.params, lower_max_new_tokens=False, **p) for p in job.prompts]
     if len(streams) == 1:
         try:
             async for index, out in streams[0]:

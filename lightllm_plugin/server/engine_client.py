@@ -126,6 +126,7 @@ class AsyncEngineClient:
         chat_template_kwargs: dict[str, Any] | None = None,
         add_special_tokens: bool = True,
         field: str = "inputs",
+        lower_max_new_tokens: bool = True,
     ) -> AsyncIterator[tuple[int, TokenOutput]]:
         """Yield (sample index, token output) until all n samples finish.
 
@@ -150,6 +151,7 @@ class AsyncEngineClient:
             chat_template_kwargs=chat_template_kwargs,
             add_special_tokens=add_special_tokens,
             field=field,
+            lower_max_new_tokens=lower_max_new_tokens,
         )
         try:
             await self._to_tokenizer.send(encoder.encode(request))

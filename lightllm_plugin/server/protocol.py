@@ -30,6 +30,8 @@ class TokenizeRequest(msgspec.Struct, tag=True, kw_only=True):
     chat_template_kwargs: dict[str, Any] | None = None
     add_special_tokens: bool = True
     field: str = "inputs"  # how the client named the prompt, so errors can name it too
+    # LightLLM lowers max_new_tokens to the room left; OpenAI clients expect a refusal (vLLM's 400)
+    lower_max_new_tokens: bool = True
 
 
 # ---- tokenizer / api / detokenizer -> router -------------------------------------------

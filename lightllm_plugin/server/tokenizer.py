@@ -66,7 +66,7 @@ def template_takes_tools(template: str | dict[str, str]) -> bool:
 
 
 def fit_prompt(
-    ids: list[int], params: SamplingParams, config: EngineConfig, field: str
+    ids: list[int], params: SamplingParams, config: EngineConfig, field: str, lower_max_new_tokens: bool = True
 ) -> tuple[list[int], SamplingParams]:
     """Apply the server's length limits as LightLLM does: a prompt over max_req_input_len is
     refused, or cut per long_truncation_mode; then max_new_tokens is lowered to the room left
@@ -81,6 +81,11 @@ def fit_prompt(
         # LightLLM's naming: "head" cuts the head off (keeps the end), "tail" cuts the tail off
         ids = ids[-limit:] if config.long_truncation_mode == "head" else ids[:limit]
     room = config.max_req_total_len - len(ids)  # >= 1: max_req_input_len < max_req_total_len
+    if params.max_new_tokens > room and not lower_max_new_tokens:
+        raise ValueError(
+            f"max_new_tokens ({params.max_new_tokens}) + {field} ({len(ids)} tokens) exceeds "
+            f"max_req_total_len={config.max_req_total_len}"
+        )
     if params.max_new_tokens > room:
         params = msgspec.structs.replace(
             params, max_new_tokens=room, min_new_tokens=min(params.min_new_tokens, room)
@@ -100,7 +105,9 @@ def expand_samples(req: TokenizeRequest, ids: list[int]) -> list[AddRequest]:
 
 def handle(tokenizer, req: TokenizeRequest, config: EngineConfig) -> list[AddRequest] | RequestError:
     try:
-        ids, params = fit_prompt(encode_prompt(tokenizer, req), req.params, config, req.field)
+        ids, params = fit_prompt(
+            encode_prompt(tokenizer, req), req.params, config, req.field, req.lower_max_new_tokens
+        )
     except ValueError as exc:
         return RequestError(req_ids=req.req_ids, message=str(exc))
     except Exception as exc:  # one odd input must not take the pipeline down

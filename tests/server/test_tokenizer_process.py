@@ -84,3 +84,8 @@ def test_tools_are_refused_by_a_template_that_would_drop_them(tokenizer):
     req = TokenizeRequest(req_ids=[0], params=SamplingParams(), messages=[{"role": "user", "content": "Hi"}], tools=tools)
     result = handle(tokenizer, req, EngineConfig())
     assert isinstance(result, RequestError) and result.message.startswith("tools") and result.status == 400
+
+
+def test_openai_style_requests_are_refused_instead_of_shortened():
+    with pytest.raises(ValueError, match=r"^max_new_tokens \(8192\) \+ inputs \(2 tokens\) exceeds max_req_total_len"):
+        fit_prompt([1, 2], SamplingParams(max_new_tokens=8192), CONFIG, "inputs", lower_max_new_tokens=False)
