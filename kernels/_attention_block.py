@@ -2,9 +2,10 @@
 through a request's row of `req_to_token`, folded into an online softmax.
 
 Scores are kept in base 2 (the caller folds log2(e) into `qk_scale`) so the update
-uses exp2. The running max starts at a large finite negative value rather than -inf:
+uses exp2. Callers start the running max at -1e30, a finite value rather than -inf:
 a row whose keys in this block are all masked then gets p = 0 and alpha = 1 instead
-of NaN from (-inf) - (-inf).
+of NaN from (-inf) - (-inf). (A literal in the kernels: compiled Triton refuses plain
+Python globals.)
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ from __future__ import annotations
 import torch
 
 from lightllm_plugin.kernels._triton import INTERPRETED, jit, tl
-
-NEG_INIT = -1.0e30
 
 
 @jit

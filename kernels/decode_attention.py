@@ -15,7 +15,7 @@ import functools
 
 import torch
 
-from lightllm_plugin.kernels._attention_block import LOG2E, NEG_INIT, attend_kv_block, dot_precision, upcast_dot
+from lightllm_plugin.kernels._attention_block import LOG2E, attend_kv_block, dot_precision, upcast_dot
 from lightllm_plugin.kernels._triton import cdiv, jit, next_pow2, tl
 
 
@@ -47,7 +47,7 @@ def _decode_split_kernel(
     q = tl.load(Q + q_start * stride_qt + head[:, None] * stride_qh + dims[None, :], mask=io_mask, other=0.0)
 
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
-    m_i = tl.full([BLOCK_G], NEG_INIT, dtype=tl.float32)
+    m_i = tl.full([BLOCK_G], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     for n0 in range(start, end, BLOCK_N):
         acc, m_i, l_i = attend_kv_block(

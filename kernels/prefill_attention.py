@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from lightllm_plugin.kernels._attention_block import LOG2E, NEG_INIT, attend_kv_block, dot_precision, upcast_dot
+from lightllm_plugin.kernels._attention_block import LOG2E, attend_kv_block, dot_precision, upcast_dot
 from lightllm_plugin.kernels._triton import cdiv, jit, next_pow2, tl
 
 
@@ -47,7 +47,7 @@ def _prefill_attention_kernel(
         q_pos = prefix + tok
 
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        m_i = tl.full([BLOCK_M], NEG_INIT, dtype=tl.float32)
+        m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         k_off = kvh * stride_kvh
         v_off = (kv_heads + kvh) * stride_kvh

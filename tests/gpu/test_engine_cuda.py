@@ -1,4 +1,4 @@
-"""The engine on CUDA: same code path as CPU (reference ops until the Triton kernels land),
+"""The engine on CUDA: same code path as CPU with the Triton kernels in place of the references,
 checked against HF transformers on the GPU, plus KV-pool profiling and load-time memory."""
 
 import gc

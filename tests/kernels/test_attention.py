@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from kernel_check import DTYPES, TOL, assert_close
+from kernel_check import DTYPES, TOL, assert_close, make_batch
 
 from lightllm_plugin.kernels.decode_attention import decode_attention
 from lightllm_plugin.kernels.prefill_attention import prefill_attention
@@ -10,26 +10,6 @@ from lightllm_plugin.kernels.token_attention import token_attention, token_atten
 
 # attention sums over many keys in a different order than SDPA
 ATT_TOL = {**TOL, torch.float32: 1e-4}
-
-
-def make_batch(seq_lens, q_lens, heads, kv_heads, head_dim, dtype, seed):
-    """A KV pool with scattered, shuffled slots and request rows out of order, as a busy engine has."""
-    g = torch.Generator().manual_seed(seed)
-    total = sum(seq_lens)
-    pool_slots = 2 * total + 7
-    kv_layer = torch.randn(pool_slots + 1, 2 * kv_heads, head_dim, generator=g).to(dtype)
-    max_len = max(seq_lens) + 5
-    rows = torch.randperm(len(seq_lens) + 3, generator=g)[: len(seq_lens)]
-    req_to_token = torch.randint(0, pool_slots + 1, (len(seq_lens) + 3, max_len), generator=g, dtype=torch.int32)
-    perm = torch.randperm(pool_slots, generator=g) + 1
-    used = 0
-    for row, n in zip(rows.tolist(), seq_lens):
-        req_to_token[row, :n] = perm[used : used + n].to(torch.int32)
-        used += n
-    q_start = torch.tensor([0] + list(q_lens[:-1])).cumsum(0)
-    q = torch.randn(sum(q_lens), heads, head_dim, generator=g).to(dtype)
-    meta = (req_to_token, rows.long(), torch.tensor(seq_lens), q_start.long(), torch.tensor(q_lens))
-    return q, kv_layer, meta
 
 
 def reference(q, kv_layer, meta, scale):
