@@ -1,7 +1,7 @@
 """Kernel timings on CUDA: each Triton kernel against its plain-torch reference and
 against the device's ceilings measured in the same run.
 
-    python benchmarks/kernel_bench.py
+    python benchmarks/kernel_bench.py [--sweep]
 
 Memory-bound kernels report GB/s (bytes each must move at least once, listed per row)
 over the device-to-device copy bandwidth (bytes read + written); prefill attention
@@ -59,10 +59,42 @@ def attention_batch(seq_lens, q_lens, heads, kv_heads, d, seed):
     return q, kv, meta
 
 
+def sweep(copy_gbs: float, mm_tflops: float) -> None:
+    """Block shapes, warps and pipeline depth of the attention kernels, to pick defaults."""
+    q, kv, meta = attention_batch([4096], [4096], 32, 8, 128, seed=1)
+    flops = 4 * 32 * 128 * sum(i + 1 for i in range(4096))
+    print("prefill B=1 q=4096 H=32/8 D=128: block_m block_n warps stages -> us TFLOP/s")
+    for bm in (64, 128):
+        for bn in (32, 64, 128):
+            for warps in (4, 8):
+                for stages in (1, 2, 3):
+                    try:
+                        t = bench(lambda: prefill_attention(q, kv, *meta, 0.088, block_m=bm, block_n=bn,
+                                                            num_warps=warps, num_stages=stages))
+                    except Exception as e:  # out of shared memory for the larger tiles
+                        print(f"  {bm:4d} {bn:4d} {warps:2d} {stages:2d} failed: {type(e).__name__}")
+                        continue
+                    print(f"  {bm:4d} {bn:4d} {warps:2d} {stages:2d} -> {t * 1e3:8.1f} {flops / t / 1e9:6.1f}")
+    for b, length in ((1, 1024), (1, 32768), (64, 1024)):
+        q, kv, meta = attention_batch([length] * b, [1] * b, 32, 8, 128, seed=b)
+        table, req, seq, qs, _ = meta
+        kv_bytes = b * length * (2 * 8 * 128 * 2 + 4)
+        print(f"decode B={b} L={length}: block_n warps stages splits -> us GB/s")
+        for bn in (32, 64, 128):
+            for warps in (2, 4, 8):
+                for stages in (2, 3):
+                    for splits in (None, 8, 32, 64):
+                        t = bench(lambda: decode_attention(q, kv, table, req, seq, qs, 0.088, num_splits=splits,
+                                                           block_n=bn, num_warps=warps, num_stages=stages))
+                        print(f"  {bn:4d} {warps:2d} {stages:2d} {str(splits):>4} -> {t * 1e3:8.1f} {kv_bytes / t / 1e6:7.0f}")
+
+
 def main() -> None:
     print("command:", shlex.join([sys.executable, *sys.argv]))
     print("device:", torch.cuda.get_device_name(), "| torch", torch.__version__, "| triton", triton.__version__)
     copy_gbs, mm_tflops = ceilings()
+    if "--sweep" in sys.argv:
+        sweep(copy_gbs, mm_tflops)
     rows = []
 
     def row(name, size, fn, ref, amount, unit):

@@ -110,6 +110,8 @@ def decode_attention(
     out: torch.Tensor | None = None,
     num_splits: int | None = None,
     block_n: int = 64,
+    num_warps: int = 4,
+    num_stages: int = 2,
 ) -> torch.Tensor:
     """Every request must have exactly one new query token and seq_len >= 1."""
     tokens, num_heads, head_dim = q.shape
@@ -132,7 +134,7 @@ def decode_attention(
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         # tensor-core dots need at least 16 rows: a GQA group is padded up to that
         GROUP=group, BLOCK_G=max(16, next_pow2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
-        DOT_PRECISION=dot_precision(q.dtype), UPCAST_DOT=upcast_dot(q.dtype), num_warps=4, num_stages=2,
+        DOT_PRECISION=dot_precision(q.dtype), UPCAST_DOT=upcast_dot(q.dtype), num_warps=num_warps, num_stages=num_stages,
     )
     _decode_reduce_kernel[(batch, num_heads)](
         mid_o, mid_lse, out, b_q_start,

@@ -81,6 +81,8 @@ def prefill_attention(
     out: torch.Tensor | None = None,
     block_m: int = 64,
     block_n: int = 64,
+    num_warps: int | None = None,
+    num_stages: int = 2,
 ) -> torch.Tensor:
     """Every row must have q_len >= 1; q, kv_layer and req_to_token rows unit-stride in the last dim."""
     tokens, num_heads, head_dim = q.shape
@@ -102,6 +104,6 @@ def prefill_attention(
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), kv_layer.stride(0), kv_layer.stride(1),
         req_to_token.stride(0),
         GROUP=group, Q_TOKENS=q_tokens, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        DOT_PRECISION=dot_precision(q.dtype), UPCAST_DOT=upcast_dot(q.dtype), num_warps=4 if block_d <= 64 else 8, num_stages=2,
+        DOT_PRECISION=dot_precision(q.dtype), UPCAST_DOT=upcast_dot(q.dtype), num_warps=num_warps or (4 if block_d <= 64 else 8), num_stages=num_stages,
     )
     return out
