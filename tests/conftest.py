@@ -3,8 +3,9 @@ import os
 
 import pytest
 
-# several engine processes share 2 cores in CI; OpenMP spin-waiting across them costs 5x
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+# several engine processes share 2 cores in CI; OpenMP spin-waiting across them costs
+# 5-20x (set here too because test modules import torch before lightllm_plugin)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def _cuda_available() -> bool:

@@ -6,6 +6,9 @@ exactly the tokens held by live requests: no blocks, no internal fragmentation.
 
 from __future__ import annotations
 
+import math
+import mmap
+
 import torch
 
 
@@ -52,7 +55,14 @@ def allocate_kv_pool(
     num_layers: int, total_slots: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor:
     # the extra last slot is a scratch target for padded tokens (CUDA graph batches)
-    return torch.zeros(num_layers, total_slots + 1, 2 * num_kv_heads, head_dim, dtype=dtype, device=device)
+    shape = (num_layers, total_slots + 1, 2 * num_kv_heads, head_dim)
+    if device.type == "cpu":
+        # anonymous mmap: zero by definition, and a page takes RAM only once a token's K/V is
+        # written to it. torch.zeros would commit the whole pool up front (LazyLLM's default
+        # max_total_token_num=64000 is 2.8 GiB for SmolLM2-135M in float32, mostly never used).
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype).view(shape)
+    return torch.zeros(shape, dtype=dtype, device=device)
 
 
 def free_memory_bytes(device: torch.device) -> int:

@@ -77,11 +77,13 @@ class ModelRunner:
 
     def _clamp_lengths_to_model(self) -> None:
         # callers such as LazyLLM pass one max_req_total_len (64000) for every model; beyond the
-        # trained context a model only degrades, so cap it there instead of refusing to start
-        config, limit = self.config, self.model_cfg.max_position_embeddings
+        # trained context a model only degrades, so cap it there instead of refusing to start.
+        # Sliding-window attention is not implemented: within the window it equals full attention.
+        config, model_cfg = self.config, self.model_cfg
+        limit = min(model_cfg.max_position_embeddings, model_cfg.sliding_window or model_cfg.max_position_embeddings)
         if config.max_req_total_len <= limit:
             return
-        logger.warning("max_req_total_len=%d exceeds the model's context (%d): using %d",
+        logger.warning("max_req_total_len=%d exceeds the model's context or attention window (%d): using %d",
                        config.max_req_total_len, limit, limit)
         config.max_req_total_len = limit
         config.max_req_input_len = min(config.max_req_input_len, limit - 1)

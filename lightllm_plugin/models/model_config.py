@@ -33,6 +33,7 @@ class ModelConfig:
     qk_norm: bool
     rope_scaling: dict[str, Any] | None = None
     rope_freq_factors: list[float] | None = None  # GGUF llama3 files: inv_freq divisors
+    sliding_window: int | None = None  # attention span when the model limits it
     eos_token_ids: list[int] = field(default_factory=list)
     bos_token_id: int | None = None
 
@@ -72,6 +73,8 @@ class ModelConfig:
             qk_norm=arch == "Qwen3ForCausalLM",
             rope_scaling=rope_scaling,
             rope_freq_factors=cfg.get("rope_freq_factors"),
+            # Mistral configs name a window that is in force; Qwen2/3 name one and switch it off
+            sliding_window=cfg.get("sliding_window") if cfg.get("use_sliding_window", arch == "MistralForCausalLM") else None,
             eos_token_ids=_as_id_list(eos),
             bos_token_id=cfg.get("bos_token_id"),
         )

@@ -116,3 +116,16 @@ def test_lengths_beyond_the_model_context_are_capped(tmp_path):
         core.add_request(1, [1] * 300, SamplingParams(max_new_tokens=1))
     core.add_request(2, [1] * 290, SamplingParams(max_new_tokens=10, temperature=0))
     assert len(_run_to_end(core)[2]) == 10
+
+
+def test_mistral_sliding_window_caps_the_request_length(tmp_path):
+    import transformers
+
+    cfg = transformers.MistralConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                     num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024,
+                                     sliding_window=200)
+    transformers.MistralForCausalLM(cfg).save_pretrained(tmp_path)
+    ec = EngineConfig(model_dir=str(tmp_path), max_req_total_len=512, max_req_input_len=256, max_total_token_num=2048)
+    EngineCore(ec, progress=False, with_tokenizer=False)
+    # past the window full attention would differ from the model's own, so requests stop there
+    assert ec.max_req_total_len == 200 and ec.max_req_input_len == 199

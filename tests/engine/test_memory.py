@@ -26,3 +26,25 @@ def test_double_free_is_caught():
 def test_empty_pool_rejected():
     with pytest.raises(ValueError):
         SlotFreeList(0)
+
+
+def test_cpu_pool_is_zero_and_takes_ram_only_where_written():
+    import gc
+
+    import psutil
+    import torch
+
+    from lightllm_plugin.engine.memory import allocate_kv_pool
+
+    me = psutil.Process()
+    before = me.memory_info().rss
+    # 30 layers x 64001 slots x 6 x 64 float32: LazyLLM's max_total_token_num=64000, 2.8 GiB
+    pool = allocate_kv_pool(30, 64000, 3, 64, torch.float32, torch.device("cpu"))
+    assert pool.shape == (30, 64001, 6, 64) and pool.is_contiguous()
+    pool[:, :100] = torch.randn(30, 100, 6, 64)
+    assert me.memory_info().rss - before < 256 * 2**20
+    assert torch.count_nonzero(pool[:, 100:200]) == 0 and torch.count_nonzero(pool[:, -1]) == 0
+    layer = pool[3]  # views keep working, and keep the memory alive
+    del pool
+    gc.collect()
+    assert layer[:100].abs().sum() > 0 and layer[100:].abs().sum() == 0
