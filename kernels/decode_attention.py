@@ -95,7 +95,9 @@ def default_num_splits(batch: int, kv_heads: int, max_len: int, device: torch.de
     """Enough (request, kv head, split) programs for about two waves on the device; never
     more splits than key blocks fit in the longest possible sequence."""
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) if device.type == "cuda" else 4
-    want = cdiv(2 * sms, max(1, batch * kv_heads))
+    # the batch rounded up as the engine's CUDA-graph ladder pads it, so an eager decode and a
+    # padded graph replay split each sequence the same way and give the same numbers
+    want = cdiv(2 * sms, max(1, next_pow2(batch) * kv_heads))
     return max(1, min(want, cdiv(max_len, block_n), 64))
 
 
