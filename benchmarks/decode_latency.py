@@ -22,6 +22,34 @@ import torch
 from offline_throughput import SHAPES, copy_bandwidth, engine_from_hf
 
 
+def graph_replay_breakdown(engine, replays: int = 50) -> tuple[float, list[tuple[str, int, float]]]:
+    """GPU time of the batch-1 graph alone (no host work between steps), and where it goes:
+    (kernel name, launches per step, us per step), longest first."""
+    graphs = engine.runner.decode_graphs
+    # a padding row: it writes only the scratch slot
+    graphs.run([0], [0], [engine.runner.req_table.scratch_row], [engine.total_slots])
+    graph = graphs.graphs[1]
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    replay_ms = start.elapsed_time(end) / replays
+    steps = 5
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            graph.replay()
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        us = getattr(e, "device_time_total", 0.0) or getattr(e, "cuda_time_total", 0.0)
+        if us > 0:
+            rows.append((e.key[:70], e.count // steps, us / steps))
+    rows.sort(key=lambda r: -r[2])
+    return replay_ms, rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
@@ -71,6 +99,7 @@ def main() -> None:
     ours = [engine_decode_ms(False) for _ in range(args.repeats)]
     eager = [engine_decode_ms(True) for _ in range(1)]
     engine.config.enforce_eager = False
+    replay_ms, kernels = graph_replay_breakdown(engine)
     del engine
     torch.cuda.empty_cache()
 
@@ -101,6 +130,13 @@ def main() -> None:
     for name, ms in (("engine (CUDA graphs)", ours_ms), ("engine (eager)", eager[0]), (f"HF generate ({args.hf_tokens} tok)", hf_ms)):
         print(f"| {name} | {ms:.3f} | {ms / floor_ms:.3f} | {ms / floor_read_ms:.3f} |")
     print(f"HF / engine = {hf_ms / ours_ms:.1f}x")
+    print(f"batch-1 graph replayed back to back: {replay_ms:.3f} ms/step on the GPU "
+          f"({replay_ms / floor_read_ms:.3f}x the floor without embedding); host and sampling between steps: "
+          f"{ours_ms - replay_ms:.3f} ms")
+    total_us = sum(us for _, _, us in kernels)
+    print(f"kernels of one replay (profiler, {total_us / 1e3:.3f} ms busy):")
+    for name, count, us in kernels[:14]:
+        print(f"  {us:8.1f} us  x{count:<4d} {name}")
 
 
 if __name__ == "__main__":

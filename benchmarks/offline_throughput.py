@@ -167,6 +167,8 @@ def main() -> None:
             reqs = prompts[:2] if warm else prompts
             for i, (p, (_, o)) in enumerate(zip(reqs, lengths)):
                 engine.add_request(i, p, SamplingParams(temperature=0, max_new_tokens=o, ignore_eos=True))
+            graphs = engine.runner.decode_graphs
+            replays0 = graphs.replays if graphs is not None else 0
             sync(args.device)
             t0 = time.perf_counter()
             produced = steps = 0
@@ -178,7 +180,7 @@ def main() -> None:
         assert produced == total_out, (produced, total_out)
         ours_tps = total_out / ours_s
         slots = engine.total_slots
-        replays = engine.runner.decode_graphs.replays if engine.runner.decode_graphs is not None else 0
+        replays = graphs.replays - replays0 if graphs is not None else 0
         del engine
         gc.collect()
         if cuda:
