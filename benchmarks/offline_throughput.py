@@ -1,19 +1,29 @@
 """Offline throughput: the engine against Hugging Face transformers' batched `generate`,
 on a random-weight model of a real shape, measured side by side in one run.
 
-    python benchmarks/offline_throughput.py --shape qwen3-0.6b --num-requests 64 \
-        --min-len 32 --max-len 256 [--hf-batch 32] [--device cuda]
+    python benchmarks/offline_throughput.py --shape llama3-8b [--num-requests 256] \
+        [--min-len 100 --max-len 1024] [--hf-batch 16 --hf-requests 16] [--device cuda]
 
-Prompt and output lengths are uniform in [min-len, max-len] (seed 0), outputs run to their
-length (ignore_eos). Prints output tokens/s of both and their ratio.
+Prompt and output lengths are uniform in [min-len, max-len] (seed 0; the defaults are issue 7's
+workload), outputs run to their length (ignore_eos). On CUDA the model is built there in bf16
+and handed to the engine in memory; on CPU it goes through a safetensors folder. HF's batched
+generate may be timed on the first --hf-requests requests only (it pads every batch to its
+longest prompt and output); tok/s counts each request's own output tokens either way.
+
+The floor is the larger of two times, each over a ceiling measured in this run: the matmul and
+attention FLOPs of the workload over a bf16 8192^3 matmul's rate, and the bytes that must move
+(the weights once per decode step, at least max(output length) steps; every decode token's
+context K/V; every new token's K/V written) over the device copy bandwidth.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import random
 import shlex
 import sys
+import statistics
 import tempfile
 import time
 
@@ -42,13 +52,84 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _median_ms(fn, repeats: int = 10) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def copy_bandwidth(nbytes: int = 2 << 30) -> float:
+    """Bytes/s of a large device-to-device copy, counting bytes read plus bytes written."""
+    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = _median_ms(lambda: dst.copy_(src))
+    del src, dst
+    return 2 * nbytes / (ms * 1e-3)
+
+
+def matmul_flops(n: int = 8192) -> float:
+    """FLOP/s of a bf16 n^3 matmul on random inputs."""
+    a = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
+    ms = _median_ms(lambda: a @ b)
+    return 2 * n**3 / (ms * 1e-3)
+
+
+def engine_from_hf(hf, hf_cfg, max_len: int, max_input: int, max_total_tokens: int | None = None, **kw):
+    """An EngineCore over the weights of a transformers model that is already on the GPU."""
+    from lightllm_plugin.config import EngineConfig
+    from lightllm_plugin.engine.core import EngineCore
+    from lightllm_plugin.models.loader import InMemoryCheckpoint
+
+    config = hf_cfg.to_dict()
+    config["architectures"] = [type(hf).__name__]
+    cfg = EngineConfig(device="cuda", data_type="bfloat16", max_req_total_len=max_len, max_req_input_len=max_input,
+                       max_total_token_num=max_total_tokens, **kw)
+    checkpoint = InMemoryCheckpoint(config, hf.state_dict().items())
+    return EngineCore(cfg, progress=False, with_tokenizer=False, checkpoint=checkpoint)
+
+
+def workload_floor(hf_cfg, hf, lengths, flops_rate: float, bw: float) -> tuple[float, float]:
+    """(seconds of arithmetic, seconds of memory traffic) the workload cannot go below."""
+    h, v, layers = hf_cfg.hidden_size, hf_cfg.vocab_size, hf_cfg.num_hidden_layers
+    heads = hf_cfg.num_attention_heads
+    head_dim = getattr(hf_cfg, "head_dim", None) or h // heads
+    kv_heads = hf_cfg.num_key_value_heads
+    layer_params = sum(p.numel() for p in hf.model.layers.parameters())
+    head_bytes = v * h * 2
+    kv_token_bytes = layers * 2 * kv_heads * head_dim * 2
+    flops = 0.0
+    kv_read_tokens = 0
+    new_tokens = 0
+    for p, o in lengths:
+        processed = p + o - 1  # the prompt, then each output token but the last is fed back
+        new_tokens += processed
+        flops += 2 * layer_params * processed + 2 * h * v * o
+        # token at position j attends to j + 1 keys: QK and PV, 2 FLOPs per multiply-add each
+        ctx_sum = processed * (processed + 1) // 2
+        flops += 4 * layers * heads * head_dim * ctx_sum
+        kv_read_tokens += sum(range(p + 1, p + o))  # decode token at position j reads j + 1
+    steps = max(o for _, o in lengths)
+    bytes_moved = steps * (layer_params * 2 + head_bytes) + (kv_read_tokens + new_tokens) * kv_token_bytes
+    return flops / flops_rate, bytes_moved / bw
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--shape", choices=sorted(SHAPES), default="smollm-135m")
-    ap.add_argument("--num-requests", type=int, default=32)
-    ap.add_argument("--min-len", type=int, default=16)
-    ap.add_argument("--max-len", type=int, default=64)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-0.6b")
+    ap.add_argument("--num-requests", type=int, default=256)
+    ap.add_argument("--min-len", type=int, default=100)
+    ap.add_argument("--max-len", type=int, default=1024)
+    ap.add_argument("--batch-max-tokens", type=int, default=8192)
     ap.add_argument("--hf-batch", type=int, default=16)
+    ap.add_argument("--hf-requests", type=int, default=None, help="time HF on the first K requests (default all)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--skip-hf", action="store_true")
     args = ap.parse_args()
@@ -57,57 +138,88 @@ def main() -> None:
     from lightllm_plugin.engine.core import EngineCore
     from lightllm_plugin.sampling_params import SamplingParams
 
-    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    cuda = args.device == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
     hf_cfg = SHAPES[args.shape]()
     rng = random.Random(0)
     lengths = [(rng.randint(args.min_len, args.max_len), rng.randint(args.min_len, args.max_len)) for _ in range(args.num_requests)]
     prompts = [[rng.randrange(hf_cfg.vocab_size) for _ in range(p)] for p, _ in lengths]
     total_out = sum(o for _, o in lengths)
+    bw = copy_bandwidth() if cuda else float("nan")
+    mm = matmul_flops() if cuda else float("nan")
+    max_len = 2 * args.max_len + 8
+    batch_max_tokens = max(args.batch_max_tokens, args.max_len)
 
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
         with torch.device(args.device):
             hf = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype).eval()
-        hf.save_pretrained(tmp)
-
-        cfg = EngineConfig(model_dir=tmp, device=args.device, data_type=str(dtype).removeprefix("torch."),
-                           max_req_total_len=2 * args.max_len + 8, max_req_input_len=args.max_len)
-        engine = EngineCore(cfg, progress=False, with_tokenizer=False)
+        t0 = time.perf_counter()
+        if cuda:
+            engine = engine_from_hf(hf, hf_cfg, max_len, args.max_len, batch_max_tokens=batch_max_tokens)
+        else:
+            hf.save_pretrained(tmp)
+            cfg = EngineConfig(model_dir=tmp, device=args.device, data_type="float32", max_req_total_len=max_len,
+                               max_req_input_len=args.max_len, batch_max_tokens=batch_max_tokens)
+            engine = EngineCore(cfg, progress=False, with_tokenizer=False)
+        init_s = time.perf_counter() - t0
         for warm in (True, False):
             reqs = prompts[:2] if warm else prompts
             for i, (p, (_, o)) in enumerate(zip(reqs, lengths)):
                 engine.add_request(i, p, SamplingParams(temperature=0, max_new_tokens=o, ignore_eos=True))
+            graphs = engine.runner.decode_graphs
+            replays0 = graphs.replays if graphs is not None else 0
             sync(args.device)
             t0 = time.perf_counter()
-            produced = 0
+            produced = steps = 0
             while engine.has_unfinished():
                 produced += len(engine.step())
+                steps += 1
             sync(args.device)
             ours_s = time.perf_counter() - t0
         assert produced == total_out, (produced, total_out)
         ours_tps = total_out / ours_s
+        slots = engine.total_slots
+        replays = graphs.replays - replays0 if graphs is not None else 0
+        del engine
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
 
-        hf_tps = float("nan")
+        hf_tps, hf_s = float("nan"), float("nan")
+        k = min(args.hf_requests or len(prompts), len(prompts))
+        hf_out = sum(o for _, o in lengths[:k])
         if not args.skip_hf:
             hf.generation_config.pad_token_id = 0
             sync(args.device)
             t0 = time.perf_counter()
-            for start in range(0, len(prompts), args.hf_batch):
-                chunk = prompts[start : start + args.hf_batch]
-                outs = [o for _, o in lengths[start : start + args.hf_batch]]
+            for start in range(0, k, args.hf_batch):
+                chunk = prompts[start : min(start + args.hf_batch, k)]
+                outs = [o for _, o in lengths[start : start + len(chunk)]]
                 width = max(len(p) for p in chunk)
                 ids = torch.tensor([[0] * (width - len(p)) + p for p in chunk], device=args.device)
                 mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=args.device)
                 with torch.no_grad():
                     hf.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=max(outs), min_new_tokens=max(outs))
             sync(args.device)
-            hf_tps = total_out / (time.perf_counter() - t0)
+            hf_s = time.perf_counter() - t0
+            hf_tps = hf_out / hf_s
 
+    compute_s, memory_s = workload_floor(hf_cfg, hf, lengths, mm, bw) if cuda else (float("nan"), float("nan"))
+    floor_s = max(compute_s, memory_s)
+    dev = torch.cuda.get_device_name() if cuda else "cpu"
     print(f"command: python {' '.join(shlex.quote(a) for a in sys.argv)}")
-    print(f"device={args.device} dtype={dtype} shape={args.shape} requests={args.num_requests} output_tokens={total_out}")
-    print(f"{'engine':>10} {ours_tps:10.1f} out tok/s  ({ours_s:.2f} s)")
-    print(f"{'hf':>10} {hf_tps:10.1f} out tok/s")
-    print(f"ratio engine/hf = {ours_tps / hf_tps:.2f}x")
+    print(f"device={dev} dtype={dtype} shape={args.shape} requests={args.num_requests} "
+          f"lengths=U[{args.min_len},{args.max_len}] seed 0 prompt_tokens={sum(p for p, _ in lengths)} output_tokens={total_out}")
+    print(f"ceilings: copy {bw / 1e9:.0f} GB/s (read+write), bf16 matmul {mm / 1e12:.0f} TFLOP/s; "
+          f"floor: compute {compute_s:.2f} s, memory {memory_s:.2f} s")
+    print(f"engine: init {init_s:.1f} s, {slots} KV slots, {steps} steps ({replays} graph replays), "
+          f"batch_max_tokens={batch_max_tokens}")
+    hf_note = f"HF on the first {k} of {len(prompts)} requests, batches of {args.hf_batch}" if k < len(prompts) else f"HF on all requests, batches of {args.hf_batch}"
+    print(f"| what | out tok/s | seconds | x HF | of floor |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    print(f"| engine | {ours_tps:.1f} | {ours_s:.2f} | {ours_tps / hf_tps:.2f} | {floor_s / ours_s:.1%} |")
+    print(f"| {hf_note} ({hf_out} out tokens) | {hf_tps:.1f} | {hf_s:.2f} | 1.00 | - |")
 
 
 if __name__ == "__main__":

@@ -4,12 +4,21 @@ One call serves prefill (many new tokens per request, with any cached prefix) an
 decode (one new token per request): request b's q_len new queries sit at positions
 seq_len-q_len .. seq_len-1 and attend causally to its first seq_len tokens, whose K/V
 live in the slots `req_to_token[req_idx, :seq_len]`.
+
+The launcher picks the kernel from shapes alone, never from values on the device: when
+there are as many new tokens as requests every row is a decode row (each has at least
+one) and the split-KV decode kernel runs; otherwise the prefill kernel takes the whole
+batch, its q_len == 1 rows included.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from lightllm_plugin.kernels._triton import use_triton
+from lightllm_plugin.kernels.decode_attention import decode_attention
+from lightllm_plugin.kernels.prefill_attention import prefill_attention
 
 
 def _expand_kv_heads(x: torch.Tensor, group: int) -> torch.Tensor:
@@ -81,4 +90,9 @@ def token_attention(
         raise ValueError(f"token_attention: q {tuple(q.shape)} and kv {tuple(kv_layer.shape)} do not fit")
     if q.shape[1] % (kv_layer.shape[1] // 2):
         raise ValueError("token_attention: query heads must be a multiple of kv heads")
+    unit_stride = q.stride(-1) == 1 and kv_layer.stride(-1) == 1 and req_to_token.stride(-1) == 1
+    if use_triton(q) and unit_stride:
+        if q.shape[0] == b_req_idx.shape[0]:
+            return decode_attention(q, kv_layer, req_to_token, b_req_idx, b_seq_len, b_q_start, scale)
+        return prefill_attention(q, kv_layer, req_to_token, b_req_idx, b_seq_len, b_q_start, b_q_len, scale)
     return token_attention_ref(q, kv_layer, req_to_token, b_req_idx, b_seq_len, b_q_start, b_q_len, scale)

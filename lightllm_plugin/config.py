@@ -38,6 +38,8 @@ class EngineConfig:
     running_max_req_size: int = 256
     long_truncation_mode: str | None = None  # None: reject long prompts; head/tail: cut
     seed: int = 0
+    # decode steps replay CUDA graphs on GPUs; True runs every step eagerly (debugging, profiling)
+    enforce_eager: bool = False
 
     # server
     host: str = "127.0.0.1"

@@ -1,3 +1,4 @@
+import importlib.util
 import os
 
 import pytest
@@ -5,6 +6,19 @@ import pytest
 # several engine processes share 2 cores in CI; OpenMP spin-waiting across them costs
 # 5-20x (set here too because test modules import torch before lightllm_plugin)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+# Without a GPU the Triton kernels can only run in the interpreter, and `@triton.jit` picks
+# the interpreter when the kernel modules are imported: decide before any test imports them.
+# The engine still runs the references on CPU (kernels._triton.RUN_ON_CPU stays off).
+if importlib.util.find_spec("triton") is not None and not _cuda_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,7 @@ from lightllm_plugin.engine.outputs import TokenEvent
 from lightllm_plugin.engine.runner import ModelRunner, StepEntry
 from lightllm_plugin.engine.sampling import SamplerRow
 from lightllm_plugin.engine.scheduler import Scheduler, SchedRequest
+from lightllm_plugin.models.loader import InMemoryCheckpoint
 from lightllm_plugin.sampling_params import SamplingParams
 
 
@@ -33,14 +34,25 @@ class _LiveRequest:
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig, progress: bool = True, with_tokenizer: bool = True):
+    def __init__(
+        self,
+        config: EngineConfig,
+        progress: bool = True,
+        with_tokenizer: bool = True,
+        checkpoint: InMemoryCheckpoint | None = None,  # weights in memory instead of config.model_dir
+    ):
         from lightllm_plugin.models.tokenizer import load_tokenizer, resolve_model_path
 
         self.config = config
-        kind, path = resolve_model_path(config.model_dir)
+        if checkpoint is not None:
+            if with_tokenizer:
+                raise ValueError("an in-memory checkpoint has no tokenizer: pass with_tokenizer=False")
+            kind, path = "memory", "<in-memory>"
+        else:
+            kind, path = resolve_model_path(config.model_dir)
         config.resolved_model_path = path
         # the model first: an unsupported architecture is reported before any tokenizer work
-        self.runner = ModelRunner(config, kind, path, progress=progress)
+        self.runner = ModelRunner(config, kind, path, progress=progress, checkpoint=checkpoint)
         self.tokenizer = (
             load_tokenizer(path, config.tokenizer_mode, config.trust_remote_code) if with_tokenizer else None
         )

@@ -8,7 +8,9 @@ import torch
 class ReqTable:
     def __init__(self, max_reqs: int, max_len: int, device: torch.device):
         self.max_len = max_len
-        self.req_to_token = torch.zeros(max_reqs, max_len, dtype=torch.int32, device=device)  # [R, L]
+        # one row more than requests: the padding rows of a CUDA-graph decode batch read it
+        self.req_to_token = torch.zeros(max_reqs + 1, max_len, dtype=torch.int32, device=device)  # [R+1, L]
+        self.scratch_row = max_reqs
         self._free_rows = list(range(max_reqs - 1, -1, -1))
 
     @property

@@ -9,11 +9,12 @@ from dataclasses import dataclass
 import torch
 
 from lightllm_plugin.config import EngineConfig
+from lightllm_plugin.engine.cuda_graphs import DecodeGraphs
 from lightllm_plugin.engine.memory import allocate_kv_pool, kv_bytes_per_token, profiled_slot_count
 from lightllm_plugin.engine.req_table import ReqTable
 from lightllm_plugin.engine.sampling import SampleResult, SamplerRow, sample
 from lightllm_plugin.models.llama import AttentionMetadata
-from lightllm_plugin.models.loader import load_model
+from lightllm_plugin.models.loader import InMemoryCheckpoint, load_checkpoint, load_model
 
 logger = logging.getLogger(__name__)
 
@@ -61,16 +62,29 @@ def resolve_device_and_dtype(config: EngineConfig) -> tuple[torch.device, torch.
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model_kind: str, model_path: str, progress: bool = True):
+    def __init__(
+        self,
+        config: EngineConfig,
+        model_kind: str,
+        model_path: str,
+        progress: bool = True,
+        checkpoint: InMemoryCheckpoint | None = None,
+    ):
         self.config = config
         self.device, self.dtype = resolve_device_and_dtype(config)
         config.resolved_device, config.resolved_dtype = self.device.type, str(self.dtype).removeprefix("torch.")
-        self.model, self.model_cfg = load_model(
-            model_kind, model_path, self.dtype, self.device, config.max_req_total_len, progress=progress
-        )
+        if checkpoint is not None:
+            self.model, self.model_cfg = load_checkpoint(
+                checkpoint, self.dtype, self.device, config.max_req_total_len, progress=progress
+            )
+        else:
+            self.model, self.model_cfg = load_model(
+                model_kind, model_path, self.dtype, self.device, config.max_req_total_len, progress=progress
+            )
         self._clamp_lengths_to_model()
         self.req_table = ReqTable(config.running_max_req_size, config.max_req_total_len, self.device)
         self.kv_pool: torch.Tensor | None = None
+        self.decode_graphs: DecodeGraphs | None = None
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(config.seed)
         self._request_generators: dict[int, torch.Generator] = {}
@@ -90,7 +104,8 @@ class ModelRunner:
 
     # ---- memory sizing -------------------------------------------------------------
     def size_kv_pool(self) -> int:
-        """Warm up, then size and allocate the KV pool; returns the slot count."""
+        """Warm up, size and allocate the KV pool, then capture the decode graphs (CUDA only:
+        they take their memory from what the pool left). Returns the slot count."""
         cfg = self.model_cfg
         per_token = kv_bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.dtype)
         if self.config.max_total_token_num is not None:
@@ -104,6 +119,12 @@ class ModelRunner:
                 cap = _CPU_POOL_REQUESTS * self.config.max_req_total_len
             slots = profiled_slot_count(self.device, self.config.mem_fraction, per_token, cap)
         self.kv_pool = allocate_kv_pool(cfg.num_layers, slots, cfg.num_kv_heads, cfg.head_dim, self.dtype, self.device)
+        if self.device.type == "cuda" and not self.config.enforce_eager:
+            self.decode_graphs = DecodeGraphs(
+                self.model, self.kv_pool, self.req_table.req_to_token, self.req_table.scratch_row,
+                self.config.running_max_req_size,
+            )
+            self.decode_graphs.capture()
         return slots
 
     def _warmup(self, num_tokens: int) -> None:
@@ -131,9 +152,8 @@ class ModelRunner:
 
     # ---- one step ----------------------------------------------------------------------
     def _forward(self, entries: list[StepEntry], kv_pool: torch.Tensor) -> torch.Tensor:
-        device = self.device
         table = self.req_table.req_to_token
-        input_ids, positions, slots = [], [], []
+        input_ids, positions, slots, token_rows = [], [], [], []
         b_req_idx, b_seq_len, b_q_start, b_q_len, last_index = [], [], [], [], []
         for e in entries:
             n = len(e.input_ids)
@@ -141,26 +161,35 @@ class ModelRunner:
             input_ids.extend(e.input_ids)
             positions.extend(range(e.start_pos, e.start_pos + n))
             slots.extend(e.slots)
+            token_rows.extend([e.row] * n)
             b_req_idx.append(e.row)
             b_seq_len.append(e.start_pos + n)
             b_q_len.append(n)
             last_index.append(len(input_ids) - 1)
-            table[e.row, e.start_pos : e.start_pos + n] = torch.tensor(e.slots, dtype=torch.int32, device=device)
-
-        def as_tensor(values: list[int]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.long, device=device)
-
-        meta = AttentionMetadata(
-            req_to_token=table,
-            b_req_idx=as_tensor(b_req_idx),
-            b_seq_len=as_tensor(b_seq_len),
-            b_q_start=as_tensor(b_q_start),
-            b_q_len=as_tensor(b_q_len),
-            out_slots=as_tensor(slots),
-        )
-        return self.model(as_tensor(input_ids), as_tensor(positions), kv_pool, meta, as_tensor(last_index))
+        t, b = len(input_ids), len(entries)
+        fields = [input_ids, positions, slots, token_rows, b_req_idx, b_seq_len, b_q_start, b_q_len, last_index]
+        # the whole step in one host buffer and one copy (pinned and non-blocking on CUDA)
+        packed = torch.tensor([v for f in fields for v in f], dtype=torch.long, pin_memory=self.device.type == "cuda")
+        packed = packed.to(self.device, non_blocking=True)
+        ids, pos, out_slots, rows, req_idx, seq_len, q_start, q_len, last = packed.split([t, t, t, t, b, b, b, b, b])
+        table[rows, pos] = out_slots.to(table.dtype)
+        meta = AttentionMetadata(table, req_idx, seq_len, q_start, q_len, out_slots)
+        return self.model(ids, pos, kv_pool, meta, last)
 
     @torch.inference_mode()
     def execute(self, entries: list[StepEntry]) -> SampleResult:
-        logits = self._forward(entries, self.kv_pool)  # [B, V]
+        graphs = self.decode_graphs
+        # enforce_eager is read per step so one engine can time both paths
+        if (
+            graphs is not None
+            and not self.config.enforce_eager
+            and len(entries) <= graphs.max_batch
+            and all(len(e.input_ids) == 1 for e in entries)
+        ):
+            logits = graphs.run(
+                [e.input_ids[0] for e in entries], [e.start_pos for e in entries],
+                [e.row for e in entries], [e.slots[0] for e in entries],
+            )
+        else:
+            logits = self._forward(entries, self.kv_pool)  # [B, V]
         return sample(logits, [e.sampler for e in entries], self.generator)

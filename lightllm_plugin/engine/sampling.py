@@ -32,12 +32,16 @@ class SampleResult:
     top_logprobs: list[list[tuple[int, float]]] | None
 
 
+def _has_penalty(p: SamplingParams) -> bool:
+    return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+
+
 def _apply_penalties(logits: torch.Tensor, rows: list[SamplerRow]) -> None:
     vocab = logits.shape[1]
     device = logits.device
     for i, row in enumerate(rows):
         p = row.params
-        if p.repetition_penalty == 1.0 and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0:
+        if not _has_penalty(p):
             continue
         out_ids = torch.tensor([t for t in row.output_ids if t < vocab], dtype=torch.long, device=device)
         counts = torch.zeros(vocab, device=device).scatter_add_(0, out_ids, torch.ones_like(out_ids, dtype=torch.float))
@@ -53,47 +57,77 @@ def _apply_penalties(logits: torch.Tensor, rows: list[SamplerRow]) -> None:
             logits[i] -= p.presence_penalty * (counts > 0).float()
 
 
+def _device_tensor(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small per-step tensor: staged in pinned memory on CUDA so the copy does not block the host."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
+def _to_host(*tensors: torch.Tensor) -> list[list]:
+    """Every result of a step crosses to the host under one synchronization."""
+    device = tensors[0].device
+    if device.type != "cuda":
+        return [t.tolist() for t in tensors]
+    staged = [t.to("cpu", non_blocking=True) for t in tensors]
+    torch.cuda.current_stream(device).synchronize()
+    return [t.tolist() for t in staged]
+
+
 def sample(logits: torch.Tensor, rows: list[SamplerRow], default_generator: torch.Generator) -> SampleResult:
-    """logits: [B, V] float32, one row per entry of `rows`."""
+    """logits: [B, V] float32, one row per entry of `rows`. The caller's buffer is not modified.
+
+    The device work is queued without reading anything back; the token ids (and logprobs
+    when asked for) come back to the host together at the end, the step's only sync.
+    """
     device = logits.device
     want_logprobs = [r.params.logprobs for r in rows]
     raw_logprobs = torch.log_softmax(logits, dim=-1) if any(k is not None for k in want_logprobs) else None
 
-    logits = logits.clone()
-    _apply_penalties(logits, rows)
-    for i, row in enumerate(rows):
-        if row.blocked_ids:
-            logits[i, row.blocked_ids] = float("-inf")
+    if any(r.blocked_ids or _has_penalty(r.params) for r in rows):
+        # CUDA-graph logits live in a static buffer: edit a copy
+        logits = logits.clone()
+        _apply_penalties(logits, rows)
+        for i, row in enumerate(rows):
+            if row.blocked_ids:
+                logits[i, row.blocked_ids] = float("-inf")
 
-    greedy = torch.tensor([r.params.greedy for r in rows], device=device)
     tokens = logits.argmax(dim=-1)
-    if not bool(greedy.all()):
-        tokens = torch.where(greedy, tokens, _sample_random(logits, rows, default_generator))
+    greedy = [r.params.greedy for r in rows]
+    if not all(greedy):
+        greedy_mask = _device_tensor(greedy, torch.bool, device)
+        tokens = torch.where(greedy_mask, tokens, _sample_random(logits, rows, default_generator))
 
-    token_list = tokens.tolist()
     if raw_logprobs is None:
+        (token_list,) = _to_host(tokens)
         return SampleResult(token_list, None, None)
-    chosen = raw_logprobs.gather(1, tokens[:, None]).squeeze(1).tolist()
+    chosen = raw_logprobs.gather(1, tokens[:, None]).squeeze(1)
     max_k = max(k or 0 for k in want_logprobs)
     tops: list[list[tuple[int, float]]] = [[] for _ in rows]
-    if max_k > 0:
-        top_lp, top_ids = raw_logprobs.topk(max_k, dim=-1)
-        top_lp, top_ids = top_lp.tolist(), top_ids.tolist()
-        for i, k in enumerate(want_logprobs):
-            if k:
-                tops[i] = list(zip(top_ids[i][:k], top_lp[i][:k]))
-    return SampleResult(token_list, chosen, tops)
+    if max_k == 0:
+        token_list, chosen_list = _to_host(tokens, chosen)
+        return SampleResult(token_list, chosen_list, tops)
+    top_lp, top_ids = raw_logprobs.topk(max_k, dim=-1)
+    token_list, chosen_list, top_lp, top_ids = _to_host(tokens, chosen, top_lp, top_ids)
+    for i, k in enumerate(want_logprobs):
+        if k:
+            tops[i] = list(zip(top_ids[i][:k], top_lp[i][:k]))
+    return SampleResult(token_list, chosen_list, tops)
 
 
 def _sample_random(logits: torch.Tensor, rows: list[SamplerRow], default_generator: torch.Generator) -> torch.Tensor:
     device = logits.device
     vocab = logits.shape[1]
-    temps = torch.tensor([r.params.temperature if r.params.temperature > 0 else 1.0 for r in rows], device=device)
+    settings = _device_tensor(
+        [[r.params.temperature if r.params.temperature > 0 else 1.0 for r in rows],
+         [float(r.params.top_k if r.params.top_k > 0 else vocab) for r in rows],
+         [r.params.top_p for r in rows],
+         [r.params.min_p for r in rows]],
+        torch.float32, device,
+    )  # [4, B]
+    temps, top_k, top_p, min_p = settings
     logits = logits / temps[:, None]
 
-    top_k = torch.tensor([r.params.top_k if r.params.top_k > 0 else vocab for r in rows], device=device)
-    top_p = torch.tensor([r.params.top_p for r in rows], device=device)
-    min_p = torch.tensor([r.params.min_p for r in rows], device=device)
     sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True)
     ranks = torch.arange(vocab, device=device)[None, :]
     drop = ranks >= top_k[:, None]
@@ -109,7 +143,8 @@ def _sample_random(logits: torch.Tensor, rows: list[SamplerRow], default_generat
     probs = torch.zeros_like(probs).scatter_(1, sorted_idx, sorted_logits.softmax(dim=-1))
 
     # exponential race: argmax p_i / E_i with E_i ~ Exp(1) draws i with probability p_i
-    noise = torch.empty_like(probs)
+    noise = torch.empty_like(probs).exponential_(generator=default_generator)
     for i, row in enumerate(rows):
-        noise[i].exponential_(generator=row.generator or default_generator)
+        if row.generator is not None:
+            noise[i].exponential_(generator=row.generator)
     return (probs / noise).argmax(dim=-1)

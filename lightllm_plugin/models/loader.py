@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from glob import glob
 
 import torch
@@ -164,4 +165,23 @@ def load_model(kind: str, path: str, dtype: torch.dtype, device: torch.device, m
         total = gguf_tensor_count(path)
     positions = max(max_positions, 1)
     model = build_model(model_cfg, tensors, dtype, device, positions, total=total, progress=progress)
+    return model, model_cfg
+
+
+@dataclass
+class InMemoryCheckpoint:
+    """Weights that are already tensors, e.g. a transformers model's state_dict: benchmarks build
+    random models of real shapes on the GPU and hand them over without a round trip to disk.
+    Tensors of the target dtype and device are used as they are, not copied."""
+
+    hf_config: dict  # config.json's contents (PretrainedConfig.to_dict())
+    tensors: Iterable[tuple[str, torch.Tensor]]
+
+
+def load_checkpoint(
+    checkpoint: InMemoryCheckpoint, dtype: torch.dtype, device: torch.device, max_positions: int, progress=True
+):
+    model_cfg = ModelConfig.from_hf_dict(checkpoint.hf_config)
+    tensors = ((name, t.to(dtype)) for name, t in checkpoint.tensors)
+    model = build_model(model_cfg, tensors, dtype, device, max(max_positions, 1), progress=progress)
     return model, model_cfg

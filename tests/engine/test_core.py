@@ -35,6 +35,8 @@ def test_runtime_values_written_back(engine):
     assert engine.config.total_slots == 4000 == engine.total_slots
     assert 2 in engine.config.resolved_eos_ids
     assert engine.config.resolved_device == "cpu" and engine.config.resolved_dtype == "float32"
+    # CPU never captures CUDA graphs, whatever enforce_eager says
+    assert not engine.config.enforce_eager and engine.runner.decode_graphs is None
 
 
 def test_request_joining_mid_decode_matches_running_alone(engine):

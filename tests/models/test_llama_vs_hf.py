@@ -93,3 +93,25 @@ def test_prefill_and_decode_match_hf(name, tmp_path):
             ref = hf_model(torch.tensor([sequence])).logits[0]
         got = ours(torch.tensor([next_token]), len(sequence) - 1, all_logits=False)
         assert _relative_error(got[0], ref[-1]) < 1e-4
+
+
+@pytest.mark.parametrize("name", ["llama31_rope_scaling", "qwen3_qk_norm", "qwen2_bias_tied"])
+def test_in_memory_checkpoint_equals_the_saved_one(name, tmp_path):
+    """A transformers model's state_dict handed over in memory builds the same model as its
+    safetensors folder, sharing the tensors it does not fuse instead of copying them."""
+    from lightllm_plugin.models.loader import InMemoryCheckpoint, load_checkpoint
+
+    torch.manual_seed(0)
+    hf_model = transformers.AutoModelForCausalLM.from_config(CONFIGS[name](), dtype=torch.float32).eval()
+    hf_model.save_pretrained(tmp_path)
+    saved, saved_cfg = load_model("hf", str(tmp_path), torch.float32, torch.device("cpu"), 256, progress=False)
+    config = hf_model.config.to_dict()
+    config["architectures"] = [type(hf_model).__name__]
+    state = hf_model.state_dict()
+    model, cfg = load_checkpoint(InMemoryCheckpoint(config, state.items()), torch.float32, torch.device("cpu"), 256,
+                                 progress=False)
+    assert cfg == saved_cfg
+    ours = dict(model.named_parameters())
+    for pname, p in saved.named_parameters():
+        assert torch.equal(ours[pname], p), pname
+    assert model.embed_tokens.weight.data_ptr() == state["model.embed_tokens.weight"].data_ptr()

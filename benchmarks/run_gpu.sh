@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# One device session: the GPU tests, then issue 7's decode-latency and offline-throughput
+# benchmarks, each under its own time limit so one failure does not cost the others.
+# Logs go to $OUT (or ./gpu_logs); the tables are printed again at the end.
+# Usage: benchmarks/run_gpu.sh [tests] [latency] [llama] [qwen]   (default: all four)
+set -u
+OUT=${OUT:-gpu_logs}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+parts=${*:-tests latency llama qwen}
+run() {  # name, seconds, command...
+    local name=$1 limit=$2
+    shift 2
+    echo "=== $name: $*"
+    local t0=$SECONDS
+    timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+    echo "=== $name: rc=$? in $((SECONDS - t0)) s"
+    tail -n 25 "$OUT/$name.log"
+}
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
+for part in $parts; do
+    case $part in
+        tests) run tests 150 python -m pytest -q -x tests/gpu -p no:cacheprovider ;;
+        latency) run latency 170 python benchmarks/decode_latency.py --shape llama3-8b --prompt-len 128 --new-tokens 256 --hf-tokens 32 ;;
+        llama) run llama 230 python benchmarks/offline_throughput.py --shape llama3-8b --hf-batch 16 --hf-requests 16 ;;
+        qwen) run qwen 150 python benchmarks/offline_throughput.py --shape qwen3-0.6b --hf-batch 64 --hf-requests 64 ;;
+    esac
+done
+echo "=== summary"
+grep -h -E '^(command|device|ceilings|engine|\||HF /|[0-9]+ passed|FAILED)' "$OUT"/*.log

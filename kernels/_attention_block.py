@@ -1,0 +1,66 @@
+"""The inner step shared by prefill and decode attention: one block of keys, gathered
+through a request's row of `req_to_token`, folded into an online softmax.
+
+Scores are kept in base 2 (the caller folds log2(e) into `qk_scale`) so the update
+uses exp2. Callers start the running max at -1e30, a finite value rather than -inf:
+a row whose keys in this block are all masked then gets p = 0 and alpha = 1 instead
+of NaN from (-inf) - (-inf). (A literal in the kernels: compiled Triton refuses plain
+Python globals.)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lightllm_plugin.kernels._triton import INTERPRETED, jit, tl
+
+
+@jit
+def _dot(a, b, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    if UPCAST:
+        # the Triton interpreter stores bfloat16 as raw uint16 and multiplies the bit patterns in
+        # tl.dot (triton 3.9); float32 operands give the same products the tensor cores form
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=DOT_PRECISION)
+
+
+@jit
+def attend_kv_block(
+    q, acc, m_i, l_i,
+    KV, slot_row, n0, n_end, k_head_off, v_head_off, stride_kvs, head_dim, q_pos, qk_scale,
+    CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < n_end
+    dims = tl.arange(0, BLOCK_D)
+    slots = tl.load(slot_row + offs_n, mask=n_ok, other=0).to(tl.int64)
+    # masked rows load zeros, not whatever the pad slot holds: 0 * NaN would poison acc
+    kv_mask = n_ok[:, None] & (dims < head_dim)[None, :]
+    base = KV + slots[:, None] * stride_kvs + dims[None, :]
+    k = tl.load(base + k_head_off, mask=kv_mask, other=0.0)
+    v = tl.load(base + v_head_off, mask=kv_mask, other=0.0)
+    s = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT) * qk_scale
+    keep = n_ok[None, :]
+    if CAUSAL:
+        keep = keep & (offs_n[None, :] <= q_pos[:, None])
+    s = tl.where(keep, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PRECISION, UPCAST_DOT)
+    return acc, m_new, l_i
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    # float32 models are the accuracy baseline (tests compare them with HF in float32):
+    # keep their dots in full precision instead of Triton's tf32 default
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def upcast_dot(dtype: torch.dtype) -> bool:
+    return INTERPRETED and dtype == torch.bfloat16
+
+
+LOG2E = 1.4426950408889634

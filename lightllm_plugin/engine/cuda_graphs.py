@@ -1,0 +1,117 @@
+"""Decode steps under CUDA graphs.
+
+A decode step of a Llama-shaped model is a few hundred small kernel launches; at batch 1
+the launch gaps alone cost more than reading the weights. The step (req_to_token write,
+model forward, logits) is captured once per batch size of a ladder, largest first, all
+graphs sharing one memory pool, and replayed with the batch padded up to the next size.
+
+A padded row is a harmless request: token 0 at position 0 of the reserved scratch row of
+req_to_token, writing its K/V into the pool's scratch slot (the extra last slot) and
+attending to that one slot. Its logits are computed and dropped.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import time
+from collections.abc import Callable
+
+import torch
+
+from lightllm_plugin.models.llama import AttentionMetadata
+
+logger = logging.getLogger(__name__)
+
+_LADDER = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# rows of the static input buffer
+_IDS, _POS, _ROW, _LEN, _SLOT = range(5)
+
+
+def graph_batch_sizes(max_batch: int) -> list[int]:
+    """The ladder capped at max_batch; a cap between two rungs is captured as its own size."""
+    largest = min(max_batch, _LADDER[-1])
+    return [b for b in _LADDER if b < largest] + [largest]
+
+
+def padded_size(sizes: list[int], batch: int) -> int | None:
+    """The smallest captured size holding `batch` rows; None when none does."""
+    i = bisect.bisect_left(sizes, batch)
+    return sizes[i] if i < len(sizes) else None
+
+
+class DecodeGraphs:
+    def __init__(
+        self,
+        model: Callable[..., torch.Tensor],
+        kv_pool: torch.Tensor,  # [layers, slots+1, 2*Hkv, D]
+        req_to_token: torch.Tensor,  # [R+1, L]
+        scratch_row: int,
+        max_batch: int,
+    ):
+        device = kv_pool.device
+        self.model = model
+        self.kv_pool = kv_pool
+        self.req_to_token = req_to_token
+        self.sizes = graph_batch_sizes(max_batch)
+        largest = self.sizes[-1]
+        self.padding = (0, 0, scratch_row, 1, kv_pool.shape[1] - 1)  # ids, pos, row, len, slot
+        # one pinned host buffer and its device twin: a whole step's inputs in one copy
+        self.host = torch.tensor([self.padding] * largest, dtype=torch.int64).T.contiguous().pin_memory()  # [5, Bmax]
+        self.host_np = self.host.numpy()
+        self.inputs = self.host.to(device)  # [5, Bmax]
+        self.q_start = torch.arange(largest, dtype=torch.int64, device=device)
+        self.q_len = torch.ones(largest, dtype=torch.int64, device=device)
+        self.copied = torch.cuda.Event()
+        self.copied.record()
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[int, torch.Tensor] = {}
+        self.replays = 0
+
+    @property
+    def max_batch(self) -> int:
+        return self.sizes[-1]
+
+    def _step(self, bs: int) -> torch.Tensor:
+        ids, pos, rows, lens, slots = (self.inputs[k, :bs] for k in range(5))
+        self.req_to_token[rows, pos] = slots.to(torch.int32)
+        meta = AttentionMetadata(self.req_to_token, rows, lens, self.q_start[:bs], self.q_len[:bs], slots)
+        return self.model(ids, pos, self.kv_pool, meta)  # [bs, V] float32
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        t0 = time.perf_counter()
+        pool = None
+        # largest first: the smaller graphs then fit inside the memory the largest left in the pool
+        for bs in reversed(self.sizes):
+            # outside capture first: Triton compiles and cuBLAS picks its kernels here
+            self._step(bs)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.logits[bs] = self._step(bs)
+            pool = graph.pool() if pool is None else pool
+            self.graphs[bs] = graph
+        torch.cuda.synchronize()
+        logger.info("captured decode CUDA graphs for batch sizes %s in %.1f s", self.sizes, time.perf_counter() - t0)
+
+    def run(self, input_ids: list[int], positions: list[int], rows: list[int], slots: list[int]) -> torch.Tensor:
+        """One decode step for len(input_ids) requests; returns their logits [B, V] (a view of a
+        static buffer, valid until the next replay)."""
+        batch = len(input_ids)
+        bs = padded_size(self.sizes, batch)
+        # the previous step's copy reads the host buffer; it is long done (the step ended in a sync)
+        self.copied.synchronize()
+        host = self.host_np
+        host[_IDS, :batch] = input_ids
+        host[_POS, :batch] = positions
+        host[_ROW, :batch] = rows
+        host[_LEN, :batch] = [p + 1 for p in positions]
+        host[_SLOT, :batch] = slots
+        for k, value in enumerate(self.padding):
+            host[k, batch:bs] = value
+        self.inputs.copy_(self.host, non_blocking=True)
+        self.copied.record()
+        self.graphs[bs].replay()
+        self.replays += 1
+        return self.logits[bs][:batch]

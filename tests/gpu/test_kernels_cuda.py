@@ -1,0 +1,153 @@
+"""The Triton kernels against their plain-torch references at real sizes on CUDA
+(the CPU interpreter tests in tests/kernels/ cover odd shapes at small sizes)."""
+
+import os
+import sys
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+# the comparison helpers and the scattered-slot batch builder are shared with the interpreter tests
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "kernels"))
+from kernel_check import TOL, assert_close, make_batch, rel_err  # noqa: E402
+
+from lightllm_plugin.kernels import _triton  # noqa: E402
+from lightllm_plugin.kernels.decode_attention import decode_attention  # noqa: E402
+from lightllm_plugin.kernels.kv_scatter import kv_scatter, kv_scatter_ref  # noqa: E402
+from lightllm_plugin.kernels.prefill_attention import prefill_attention  # noqa: E402
+from lightllm_plugin.kernels.rmsnorm import rmsnorm, rmsnorm_ref  # noqa: E402
+from lightllm_plugin.kernels.rotary import rotary, rotary_ref  # noqa: E402
+from lightllm_plugin.kernels.silu_and_mul import silu_and_mul, silu_and_mul_ref  # noqa: E402
+from lightllm_plugin.kernels.token_attention import token_attention, token_attention_ref  # noqa: E402
+
+DTYPES = [torch.bfloat16, torch.float16]
+DEV = "cuda"
+
+
+def _gen(seed):
+    return torch.Generator(device=DEV).manual_seed(seed)
+
+
+def test_triton_path_is_taken_on_cuda():
+    assert _triton.HAVE_TRITON and not _triton.INTERPRETED
+    assert _triton.use_triton(torch.empty(1, device=DEV))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,hidden", [(1, 4096), (4096, 4096), (4099, 1024), (64, 5120)])
+def test_rmsnorm_cuda(dtype, tokens, hidden):
+    g = _gen(tokens)
+    x = torch.randn(tokens, hidden, generator=g, device=DEV, dtype=dtype)
+    res = torch.randn(tokens, hidden, generator=g, device=DEV, dtype=dtype)
+    w = (1 + 0.1 * torch.randn(hidden, generator=g, device=DEV)).to(dtype)
+    out, new_res = rmsnorm(x, w, 1e-6, res)
+    ref, ref_res = rmsnorm_ref(x, w, 1e-6, res)
+    assert_close(out, ref, dtype)
+    assert_close(new_res, ref_res, dtype)
+    assert_close(rmsnorm(x, w, 1e-5)[0], rmsnorm_ref(x, w, 1e-5)[0], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_per_head_rmsnorm_cuda(dtype):
+    g = _gen(1)
+    tokens, heads, kv_heads, d = 4096, 32, 8, 128
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * d, generator=g, device=DEV, dtype=dtype)
+    q = qkv[:, : heads * d].reshape(tokens, heads, d)
+    w = (1 + 0.1 * torch.randn(d, generator=g, device=DEV)).to(dtype)
+    assert_close(rmsnorm(q, w, 1e-6)[0], rmsnorm_ref(q, w, 1e-6)[0], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,heads,kv_heads,head_dim", [(1, 32, 8, 128), (4096, 32, 8, 128), (1000, 16, 16, 64)])
+def test_rotary_cuda(dtype, tokens, heads, kv_heads, head_dim):
+    g = _gen(tokens)
+    q = torch.randn(tokens, heads, head_dim, generator=g, device=DEV, dtype=dtype)
+    k = torch.randn(tokens, kv_heads, head_dim, generator=g, device=DEV, dtype=dtype)
+    inv = 1.0 / (500000 ** (torch.arange(0, head_dim, 2, device=DEV).float() / head_dim))
+    freqs = torch.outer(torch.randint(0, 8192, (tokens,), generator=g, device=DEV).float(), inv)
+    q_ref, k_ref = q.clone(), k.clone()
+    rotary_ref(q_ref, k_ref, freqs.cos(), freqs.sin())
+    rotary(q, k, freqs.cos(), freqs.sin())
+    assert_close(q, q_ref, dtype)
+    assert_close(k, k_ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,inter", [(1, 14336), (4096, 14336), (1000, 3072)])
+def test_silu_and_mul_cuda(dtype, tokens, inter):
+    gate_up = 2 * torch.randn(tokens, 2 * inter, generator=_gen(tokens), device=DEV, dtype=dtype)
+    assert_close(silu_and_mul(gate_up), silu_and_mul_ref(gate_up), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kv_scatter_cuda(dtype):
+    g = _gen(2)
+    tokens, kv_heads, d, pool_slots = 4096, 8, 128, 200_000
+    pool = torch.randn(pool_slots + 1, 2 * kv_heads, d, generator=g, device=DEV, dtype=dtype)
+    slots = torch.randperm(pool_slots, generator=g, device=DEV)[:tokens] + 1
+    k = torch.randn(tokens, kv_heads, d, generator=g, device=DEV, dtype=dtype)
+    v = torch.randn(tokens, kv_heads, d, generator=g, device=DEV, dtype=dtype)
+    ref = pool.clone()
+    kv_scatter_ref(ref, k, v, slots)
+    kv_scatter(pool, k, v, slots)
+    assert torch.equal(pool, ref)
+
+
+def _lens(n, lo, hi, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(lo, hi + 1, (n,), generator=g).tolist()
+
+
+DECODE_CASES = [
+    # (seq_lens, heads, kv_heads, head_dim): GQA ratios 1, 4, 8; one long request; batch 64
+    ([32768], 32, 8, 128),
+    ([1], 32, 8, 128),
+    (_lens(64, 1, 4096, 0), 32, 4, 128),
+    (_lens(64, 17, 1000, 1), 16, 16, 64),
+    (_lens(7, 100, 9000, 2), 64, 8, 128),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", range(len(DECODE_CASES)))
+def test_decode_attention_cuda(dtype, case):
+    seq_lens, heads, kv_heads, d = DECODE_CASES[case]
+    q, kv, meta = make_batch(seq_lens, [1] * len(seq_lens), heads, kv_heads, d, dtype, seed=case, device=DEV)
+    req_to_token, b_req_idx, b_seq_len, b_q_start, _ = meta
+    out = torch.full_like(q, float("nan"))
+    decode_attention(q, kv, req_to_token, b_req_idx, b_seq_len, b_q_start, d**-0.5, out=out)
+    ref = token_attention_ref(q, kv, *meta, d**-0.5)
+    assert_close(out, ref, dtype)
+    print(f"decode case {case} {dtype}: rel err {rel_err(out, ref):.2e}")
+
+
+PREFILL_CASES = [
+    # (seq_lens, q_lens, heads, kv_heads, head_dim); the last case has cached prefixes
+    ([1000, 17, 1, 2048], [1000, 17, 1, 2048], 32, 8, 128),
+    ([1024] * 8, [1024] * 8, 16, 8, 128),
+    ([3000, 600, 129], [512, 600, 1], 32, 4, 128),
+    ([777, 1], [777, 1], 16, 16, 64),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", range(len(PREFILL_CASES)))
+def test_prefill_attention_cuda(dtype, case):
+    seq_lens, q_lens, heads, kv_heads, d = PREFILL_CASES[case]
+    q, kv, meta = make_batch(seq_lens, q_lens, heads, kv_heads, d, dtype, seed=10 + case, device=DEV)
+    out = torch.full_like(q, float("nan"))
+    prefill_attention(q, kv, *meta, d**-0.5, out=out)
+    ref = token_attention_ref(q, kv, *meta, d**-0.5)
+    assert_close(out, ref, dtype)
+    print(f"prefill case {case} {dtype}: rel err {rel_err(out, ref):.2e}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float32])
+def test_token_attention_mixed_batch_cuda(dtype):
+    seq_lens, q_lens = [500, 1200, 64, 3000], [1, 300, 1, 1]
+    q, kv, meta = make_batch(seq_lens, q_lens, 32, 8, 128, dtype, seed=99, device=DEV)
+    out = token_attention(q, kv, *meta, 128**-0.5)
+    tol = 1e-4 if dtype == torch.float32 else TOL[dtype]
+    assert_close(out, token_attention_ref(q, kv, *meta, 128**-0.5), dtype, tol)
