@@ -10,11 +10,13 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 
+import torch
+
 from lightllm_plugin.config import EngineConfig
 from lightllm_plugin.engine.memory import SlotFreeList
 from lightllm_plugin.engine.outputs import TokenEvent
 from lightllm_plugin.engine.runner import ModelRunner, StepEntry
-from lightllm_plugin.engine.sampling import SamplerRow
+from lightllm_plugin.engine.sampling import PendingSample, SamplerRow, has_penalty
 from lightllm_plugin.engine.scheduler import Scheduler, SchedRequest
 from lightllm_plugin.models.loader import InMemoryCheckpoint
 from lightllm_plugin.sampling_params import SamplingParams
@@ -31,6 +33,14 @@ class _LiveRequest:
     row: int = -1
     slots: list[int] = field(default_factory=list)
     output_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class _LaunchedStep:
+    """A step on the device whose sampled tokens the host has not read yet."""
+
+    order: list[_LiveRequest]  # one per row of the step
+    pending: PendingSample
 
 
 class EngineCore:
@@ -70,6 +80,8 @@ class EngineCore:
         self.scheduler = Scheduler(total, config.batch_max_tokens, config.running_max_req_size)
         self._live: dict[int, _LiveRequest] = {}
         self._auto_ids = itertools.count(1 << 40)
+        self._queued: _LaunchedStep | None = None  # a decode step queued ahead of the host
+        self.steps_queued_ahead = 0
 
     def _eos_ids(self) -> list[int]:
         ids = list(self.model_cfg.eos_token_ids)
@@ -166,9 +178,24 @@ class EngineCore:
 
     # ---- the step ---------------------------------------------------------------------------
     def step(self) -> list[TokenEvent]:
-        batch = self.scheduler.schedule()
-        if batch.is_empty():
-            return []
+        """Run one step and return its events.
+
+        On the CUDA-graph path a decode step is queued before the previous one is read back, its
+        input ids taken from the tokens still on the device: the GPU never waits for the host's
+        bookkeeping. A request that turns out to have finished (eos) in the step read back had
+        one token too many computed in the queued step; that token is dropped, and its KV slot
+        freed with the others.
+        """
+        launched, self._queued = self._queued, None
+        if launched is None:
+            batch = self.scheduler.schedule()
+            if batch.is_empty():
+                return []
+            launched = self._launch_scheduled(batch)
+        self._queued = self._queue_next_decode(launched)
+        return self._read_back(launched)
+
+    def _launch_scheduled(self, batch) -> _LaunchedStep:
         entries: list[StepEntry] = []
         order: list[_LiveRequest] = []
         for sched in batch.decode:
@@ -186,14 +213,53 @@ class EngineCore:
             live.slots.extend(slots)
             order.append(live)
         for live in order:
-            live.sampler.blocked_ids = (
-                sorted(live.stop_ids) if len(live.output_ids) < live.params.min_new_tokens else []
-            )
+            live.sampler.blocked_ids = self._blocked_ids(live, len(live.output_ids))
+        return _LaunchedStep(order, self.runner.launch(entries))
 
-        result = self.runner.execute(entries)
+    def _blocked_ids(self, live: _LiveRequest, output_len: int) -> list[int]:
+        return sorted(live.stop_ids) if output_len < live.params.min_new_tokens else []
 
+    def _queue_next_decode(self, launched: _LaunchedStep) -> _LaunchedStep | None:
+        """Queue the decode step that follows `launched` while it still runs, when the host
+        already knows that step's batch: nobody waiting to be admitted (the scheduler would
+        give exactly the running requests), no penalties (they read the output ids), and a
+        CUDA-graph step. Requests that reach max_new_tokens in `launched` are left out."""
+        if self.scheduler.num_waiting:
+            return None
+        alive = [(i, live) for i, live in enumerate(launched.order) if self._live.get(live.req_id) is live]
+        if len(alive) != self.scheduler.num_running:
+            return None  # some running request is not in this step
+        rows: list[int] = []
+        order: list[_LiveRequest] = []
+        for i, live in alive:
+            output_len = len(live.output_ids) + 1  # with the token still on the device
+            if output_len >= live.params.max_new_tokens:
+                continue
+            if has_penalty(live.params):
+                return None
+            rows.append(i)
+            order.append(live)
+        if not order or not self.runner.can_chain(len(order)):
+            return None
+        entries = []
+        for live in order:
+            output_len = len(live.output_ids) + 1
+            slots = self.free_slots.allocate(1)
+            live.slots.extend(slots)
+            live.sampler.blocked_ids = self._blocked_ids(live, output_len)
+            entries.append(StepEntry(live.row, [0], len(live.prompt_ids) + output_len - 1, slots, live.sampler))
+        tokens = launched.pending.tokens
+        if len(rows) != len(launched.order):
+            tokens = tokens[torch.tensor(rows, dtype=torch.long, pin_memory=True).to(tokens.device, non_blocking=True)]
+        self.steps_queued_ahead += 1
+        return _LaunchedStep(order, self.runner.launch(entries, chained_ids=tokens))
+
+    def _read_back(self, launched: _LaunchedStep) -> list[TokenEvent]:
+        result = launched.pending.result()
         events = []
-        for i, live in enumerate(order):
+        for i, live in enumerate(launched.order):
+            if self._live.get(live.req_id) is not live:
+                continue  # finished or aborted after this step was queued: its token is dropped
             token = result.token_ids[i]
             live.output_ids.append(token)
             live.sched.output_len = len(live.output_ids)

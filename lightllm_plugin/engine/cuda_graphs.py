@@ -56,14 +56,19 @@ class DecodeGraphs:
         self.sizes = graph_batch_sizes(max_batch)
         largest = self.sizes[-1]
         self.padding = (0, 0, scratch_row, 1, kv_pool.shape[1] - 1)  # ids, pos, row, len, slot
-        # one pinned host buffer and its device twin: a whole step's inputs in one copy
-        self.host = torch.tensor([self.padding] * largest, dtype=torch.int64).T.contiguous().pin_memory()  # [5, Bmax]
-        self.host_np = self.host.numpy()
-        self.inputs = self.host.to(device)  # [5, Bmax]
+        # pinned host buffers and one device twin: a whole step's inputs in one copy. Two host
+        # buffers, used in turn, because the core queues a step while the one before it still
+        # runs: the buffer being filled was last copied two steps ago.
+        padded = torch.tensor([self.padding] * largest, dtype=torch.int64).T.contiguous()  # [5, Bmax]
+        self.host = [padded.pin_memory(), padded.clone().pin_memory()]
+        self.host_np = [h.numpy() for h in self.host]
+        self.inputs = padded.to(device)
         self.q_start = torch.arange(largest, dtype=torch.int64, device=device)
         self.q_len = torch.ones(largest, dtype=torch.int64, device=device)
-        self.copied = torch.cuda.Event()
-        self.copied.record()
+        self.copied = [torch.cuda.Event(), torch.cuda.Event()]
+        for event in self.copied:
+            event.record()
+        self._turn = 0
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
         self.replays = 0
@@ -95,23 +100,34 @@ class DecodeGraphs:
         torch.cuda.synchronize()
         logger.info("captured decode CUDA graphs for batch sizes %s in %.1f s", self.sizes, time.perf_counter() - t0)
 
-    def run(self, input_ids: list[int], positions: list[int], rows: list[int], slots: list[int]) -> torch.Tensor:
-        """One decode step for len(input_ids) requests; returns their logits [B, V] (a view of a
-        static buffer, valid until the next replay)."""
-        batch = len(input_ids)
+    def run(
+        self,
+        input_ids: list[int],
+        positions: list[int],
+        rows: list[int],
+        slots: list[int],
+        ids_on_device: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """One decode step for len(positions) requests; returns their logits [B, V] (a view of a
+        static buffer, valid until the next replay). `ids_on_device` ([B], on the GPU) replaces
+        `input_ids`: the tokens a step still running will have sampled."""
+        batch = len(positions)
         bs = padded_size(self.sizes, batch)
-        # the previous step's copy reads the host buffer; it is long done (the step ended in a sync)
-        self.copied.synchronize()
-        host = self.host_np
-        host[_IDS, :batch] = input_ids
+        turn, self._turn = self._turn, self._turn ^ 1
+        self.copied[turn].synchronize()
+        host = self.host_np[turn]
+        if ids_on_device is None:
+            host[_IDS, :batch] = input_ids
         host[_POS, :batch] = positions
         host[_ROW, :batch] = rows
         host[_LEN, :batch] = [p + 1 for p in positions]
         host[_SLOT, :batch] = slots
         for k, value in enumerate(self.padding):
             host[k, batch:bs] = value
-        self.inputs.copy_(self.host, non_blocking=True)
-        self.copied.record()
+        self.inputs.copy_(self.host[turn], non_blocking=True)
+        if ids_on_device is not None:
+            self.inputs[_IDS, :batch].copy_(ids_on_device)
+        self.copied[turn].record()
         self.graphs[bs].replay()
         self.replays += 1
         return self.logits[bs][:batch]

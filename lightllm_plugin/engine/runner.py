@@ -12,7 +12,7 @@ from lightllm_plugin.config import EngineConfig
 from lightllm_plugin.engine.cuda_graphs import DecodeGraphs
 from lightllm_plugin.engine.memory import allocate_kv_pool, kv_bytes_per_token, profiled_slot_count
 from lightllm_plugin.engine.req_table import ReqTable
-from lightllm_plugin.engine.sampling import SampleResult, SamplerRow, sample
+from lightllm_plugin.engine.sampling import PendingSample, SampleResult, SamplerRow, launch_sample
 from lightllm_plugin.models.llama import AttentionMetadata
 from lightllm_plugin.models.loader import InMemoryCheckpoint, load_checkpoint, load_model
 
@@ -176,8 +176,16 @@ class ModelRunner:
         meta = AttentionMetadata(table, req_idx, seq_len, q_start, q_len, out_slots)
         return self.model(ids, pos, kv_pool, meta, last)
 
+    def can_chain(self, batch_size: int) -> bool:
+        """Whether a decode step of this many requests can take its input ids from the device
+        (a CUDA-graph step), so it can be queued before the previous step is read back."""
+        graphs = self.decode_graphs
+        return graphs is not None and not self.config.enforce_eager and batch_size <= graphs.max_batch
+
     @torch.inference_mode()
-    def execute(self, entries: list[StepEntry]) -> SampleResult:
+    def launch(self, entries: list[StepEntry], chained_ids: torch.Tensor | None = None) -> PendingSample:
+        """Queue one step (forward + sampling) without waiting for it. `chained_ids` ([B] on the
+        device) are the input ids of a decode step whose previous tokens are not on the host yet."""
         graphs = self.decode_graphs
         # enforce_eager is read per step so one engine can time both paths
         if (
@@ -188,8 +196,13 @@ class ModelRunner:
         ):
             logits = graphs.run(
                 [e.input_ids[0] for e in entries], [e.start_pos for e in entries],
-                [e.row for e in entries], [e.slots[0] for e in entries],
+                [e.row for e in entries], [e.slots[0] for e in entries], ids_on_device=chained_ids,
             )
+        elif chained_ids is not None:
+            raise ValueError("a step with input ids on the device must be a CUDA-graph decode step")
         else:
             logits = self._forward(entries, self.kv_pool)  # [B, V]
-        return sample(logits, [e.sampler for e in entries], self.generator)
+        return launch_sample(logits, [e.sampler for e in entries], self.generator)
+
+    def execute(self, entries: list[StepEntry]) -> SampleResult:
+        return self.launch(entries).result()

@@ -32,7 +32,7 @@ class SampleResult:
     top_logprobs: list[list[tuple[int, float]]] | None
 
 
-def _has_penalty(p: SamplingParams) -> bool:
+def has_penalty(p: SamplingParams) -> bool:
     return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
 
 
@@ -41,7 +41,7 @@ def _apply_penalties(logits: torch.Tensor, rows: list[SamplerRow]) -> None:
     device = logits.device
     for i, row in enumerate(rows):
         p = row.params
-        if not _has_penalty(p):
+        if not has_penalty(p):
             continue
         out_ids = torch.tensor([t for t in row.output_ids if t < vocab], dtype=torch.long, device=device)
         counts = torch.zeros(vocab, device=device).scatter_add_(0, out_ids, torch.ones_like(out_ids, dtype=torch.float))
@@ -64,27 +64,62 @@ def _device_tensor(values: list, dtype: torch.dtype, device: torch.device) -> to
     return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
 
 
-def _to_host(*tensors: torch.Tensor) -> list[list]:
-    """Every result of a step crosses to the host under one synchronization."""
-    device = tensors[0].device
-    if device.type != "cuda":
-        return [t.tolist() for t in tensors]
-    staged = [t.to("cpu", non_blocking=True) for t in tensors]
-    torch.cuda.current_stream(device).synchronize()
-    return [t.tolist() for t in staged]
+class PendingSample:
+    """A step's sampled tokens (and logprobs) queued for the host but not yet waited for.
+
+    `tokens` stays on the device, so the next decode step can take its input ids from it
+    before the host has read this step's result."""
+
+    def __init__(self, tokens: torch.Tensor, chosen: torch.Tensor | None, top: tuple[torch.Tensor, torch.Tensor] | None,
+                 want_logprobs: list[int | None]):
+        self.tokens = tokens
+        self.want_logprobs = want_logprobs
+        device = tokens.device
+        parts = [tokens] + ([chosen] if chosen is not None else []) + (list(top) if top is not None else [])
+        self._ready: torch.cuda.Event | None = None
+        if device.type == "cuda":
+            # copies into pinned host memory, then an event: waiting for this step leaves later
+            # steps queued behind it running
+            self._staged = [t.to("cpu", non_blocking=True) for t in parts]
+            self._ready = torch.cuda.Event()
+            self._ready.record(torch.cuda.current_stream(device))
+        else:
+            self._staged = parts
+        self._has_chosen, self._has_top = chosen is not None, top is not None
+
+    def result(self) -> SampleResult:
+        if self._ready is not None:
+            self._ready.synchronize()
+        lists = [t.tolist() for t in self._staged]
+        token_list = lists.pop(0)
+        if not self._has_chosen:
+            return SampleResult(token_list, None, None)
+        chosen_list = lists.pop(0)
+        tops: list[list[tuple[int, float]]] = [[] for _ in token_list]
+        if self._has_top:
+            top_lp, top_ids = lists
+            for i, k in enumerate(self.want_logprobs):
+                if k:
+                    tops[i] = list(zip(top_ids[i][:k], top_lp[i][:k]))
+        return SampleResult(token_list, chosen_list, tops)
 
 
 def sample(logits: torch.Tensor, rows: list[SamplerRow], default_generator: torch.Generator) -> SampleResult:
+    """Sample and wait for the result."""
+    return launch_sample(logits, rows, default_generator).result()
+
+
+def launch_sample(logits: torch.Tensor, rows: list[SamplerRow], default_generator: torch.Generator) -> PendingSample:
     """logits: [B, V] float32, one row per entry of `rows`. The caller's buffer is not modified.
 
-    The device work is queued without reading anything back; the token ids (and logprobs
-    when asked for) come back to the host together at the end, the step's only sync.
+    The device work is queued without reading anything back; `PendingSample.result()` brings
+    the token ids (and logprobs when asked for) to the host under one wait, the step's only sync.
     """
     device = logits.device
     want_logprobs = [r.params.logprobs for r in rows]
     raw_logprobs = torch.log_softmax(logits, dim=-1) if any(k is not None for k in want_logprobs) else None
 
-    if any(r.blocked_ids or _has_penalty(r.params) for r in rows):
+    if any(r.blocked_ids or has_penalty(r.params) for r in rows):
         # CUDA-graph logits live in a static buffer: edit a copy
         logits = logits.clone()
         _apply_penalties(logits, rows)
@@ -99,20 +134,14 @@ def sample(logits: torch.Tensor, rows: list[SamplerRow], default_generator: torc
         tokens = torch.where(greedy_mask, tokens, _sample_random(logits, rows, default_generator))
 
     if raw_logprobs is None:
-        (token_list,) = _to_host(tokens)
-        return SampleResult(token_list, None, None)
+        return PendingSample(tokens, None, None, want_logprobs)
     chosen = raw_logprobs.gather(1, tokens[:, None]).squeeze(1)
     max_k = max(k or 0 for k in want_logprobs)
-    tops: list[list[tuple[int, float]]] = [[] for _ in rows]
-    if max_k == 0:
-        token_list, chosen_list = _to_host(tokens, chosen)
-        return SampleResult(token_list, chosen_list, tops)
-    top_lp, top_ids = raw_logprobs.topk(max_k, dim=-1)
-    token_list, chosen_list, top_lp, top_ids = _to_host(tokens, chosen, top_lp, top_ids)
-    for i, k in enumerate(want_logprobs):
-        if k:
-            tops[i] = list(zip(top_ids[i][:k], top_lp[i][:k]))
-    return SampleResult(token_list, chosen_list, tops)
+    top = None
+    if max_k > 0:
+        top_lp, top_ids = raw_logprobs.topk(max_k, dim=-1)
+        top = (top_lp, top_ids)
+    return PendingSample(tokens, chosen, top, want_logprobs)
 
 
 def _sample_random(logits: torch.Tensor, rows: list[SamplerRow], default_generator: torch.Generator) -> torch.Tensor:
