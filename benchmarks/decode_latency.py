@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from offline_throughput import SHAPES, copy_bandwidth, engine_from_hf
+from offline_throughput import SHAPES, copy_bandwidth, engine_from_hf, random_model
 
 
 def graph_replay_breakdown(engine, replays: int = 50) -> tuple[float, list[tuple[str, int, float]]]:
@@ -59,16 +59,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
 
-    import transformers
-
     from lightllm_plugin.sampling_params import SamplingParams
 
     device = "cuda"
     bw = copy_bandwidth()
     hf_cfg = SHAPES[args.shape]()
-    torch.manual_seed(0)
-    with torch.device(device):
-        hf = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.bfloat16).eval()
+    hf = random_model(hf_cfg, device, torch.bfloat16)
     weight_bytes = sum(p.numel() * p.element_size() for p in hf.parameters())
     embed_bytes = hf.get_input_embeddings().weight.numel() * 2
     # the input embedding is only gathered (one row per token) unless it is tied to the head

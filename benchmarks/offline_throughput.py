@@ -47,6 +47,13 @@ SHAPES = {
 }
 
 
+def random_model(hf_cfg, device: str, dtype: torch.dtype):
+    """A transformers model of the config (one of SHAPES) with random weights (seed 0), built on device."""
+    torch.manual_seed(0)
+    with torch.device(device):
+        return transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype).eval()
+
+
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -151,9 +158,7 @@ def main() -> None:
     batch_max_tokens = max(args.batch_max_tokens, args.max_len)
 
     with tempfile.TemporaryDirectory() as tmp:
-        torch.manual_seed(0)
-        with torch.device(args.device):
-            hf = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype).eval()
+        hf = random_model(hf_cfg, args.device, dtype)
         t0 = time.perf_counter()
         if cuda:
             engine = engine_from_hf(hf, hf_cfg, max_len, args.max_len, batch_max_tokens=batch_max_tokens)

@@ -1,5 +1,6 @@
 """The inner step shared by prefill and decode attention: one block of keys, gathered
-through a request's row of `req_to_token`, folded into an online softmax.
+through a request's row of `req_to_token`, folded into an online softmax. Also the host-side
+pieces both launchers share (dot precision, the sizes they read off their inputs).
 
 Scores are kept in base 2 (the caller folds log2(e) into `qk_scale`) so the update
 uses exp2. Callers start the running max at -1e30, a finite value rather than -inf:
@@ -9,6 +10,8 @@ Python globals.)
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -64,3 +67,20 @@ def upcast_dot(dtype: torch.dtype) -> bool:
 
 
 LOG2E = 1.4426950408889634
+
+
+class AttentionDims(NamedTuple):
+    """The sizes both attention launchers read off their inputs."""
+
+    tokens: int  # rows of q (new tokens of the whole batch)
+    num_heads: int
+    head_dim: int
+    kv_heads: int  # kv_layer holds the K heads, then the V heads: 2 * kv_heads rows per slot
+    group: int  # query heads per kv head (GQA)
+    batch: int  # requests
+
+
+def attention_dims(q: torch.Tensor, kv_layer: torch.Tensor, b_req_idx: torch.Tensor) -> AttentionDims:
+    tokens, num_heads, head_dim = q.shape
+    kv_heads = kv_layer.shape[1] // 2
+    return AttentionDims(tokens, num_heads, head_dim, kv_heads, num_heads // kv_heads, b_req_idx.shape[0])

@@ -15,7 +15,7 @@ import functools
 
 import torch
 
-from lightllm_plugin.kernels._attention_block import LOG2E, attend_kv_block, dot_precision, upcast_dot
+from lightllm_plugin.kernels._attention_block import LOG2E, attend_kv_block, attention_dims, dot_precision, upcast_dot
 from lightllm_plugin.kernels._triton import cdiv, jit, next_pow2, tl
 
 
@@ -116,12 +116,8 @@ def decode_attention(
     num_stages: int = 2,
 ) -> torch.Tensor:
     """Every request must have exactly one new query token and seq_len >= 1."""
-    tokens, num_heads, head_dim = q.shape
-    kv_heads = kv_layer.shape[1] // 2
-    group = num_heads // kv_heads
-    batch = b_req_idx.shape[0]
-    if out is None:
-        out = torch.empty_like(q)
+    tokens, num_heads, head_dim, kv_heads, group, batch = attention_dims(q, kv_layer, b_req_idx)
+    out = torch.empty_like(q) if out is None else out
     if batch == 0:
         return out
     if num_splits is None:

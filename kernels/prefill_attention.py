@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from lightllm_plugin.kernels._attention_block import LOG2E, attend_kv_block, dot_precision, upcast_dot
+from lightllm_plugin.kernels._attention_block import LOG2E, attend_kv_block, attention_dims, dot_precision, upcast_dot
 from lightllm_plugin.kernels._triton import cdiv, jit, next_pow2, tl
 
 
@@ -90,12 +90,8 @@ def prefill_attention(
     128x64 with 8 warps ran 480 us against 927 us for 64x64 with 8 warps. float32 keeps
     64-row tiles so its doubled operand size still fits in shared memory.
     """
-    tokens, num_heads, head_dim = q.shape
-    kv_heads = kv_layer.shape[1] // 2
-    group = num_heads // kv_heads
-    batch = b_req_idx.shape[0]
-    if out is None:
-        out = torch.empty_like(q)
+    tokens, num_heads, head_dim, kv_heads, group, batch = attention_dims(q, kv_layer, b_req_idx)
+    out = torch.empty_like(q) if out is None else out
     if tokens == 0 or batch == 0:
         return out
     if block_m is None:

@@ -144,34 +144,29 @@ class Limits(msgspec.Struct):
 
 
 # ---- addresses ----------------------------------------------------------------------------
+class _Endpoint:
+    """An ipc:// address in the run directory; the socket file is named after the attribute."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, addresses: "Addresses | None", owner: type | None = None) -> Any:
+        if addresses is None:
+            return self
+        return "ipc://" + os.path.join(addresses.run_dir, self.name)
+
+
 @dataclass(frozen=True)
 class Addresses:
-    """ipc:// endpoints, all inside one private run directory."""
+    """ipc:// endpoints, all inside one private run directory (one per receiving socket)."""
 
     run_dir: str
 
-    def _ipc(self, name: str) -> str:
-        return "ipc://" + os.path.join(self.run_dir, name)
-
-    @property
-    def tokenizer(self) -> str:
-        return self._ipc("tokenizer")
-
-    @property
-    def router(self) -> str:
-        return self._ipc("router")
-
-    @property
-    def detokenizer(self) -> str:
-        return self._ipc("detokenizer")
-
-    @property
-    def api(self) -> str:
-        return self._ipc("api")
-
-    @property
-    def control(self) -> str:
-        return self._ipc("control")
+    tokenizer = _Endpoint()
+    router = _Endpoint()
+    detokenizer = _Endpoint()
+    api = _Endpoint()
+    control = _Endpoint()
 
 
 encoder = msgspec.msgpack.Encoder()
