@@ -33,12 +33,13 @@ HELP = {
     "long_truncation_mode": "what to do with a prompt over max_req_input_len: refuse it (default), "
     "head (cut its beginning) or tail (cut its end)",
     "seed": "seed of the engine's sampler",
+    "enforce_eager": "run every decode step eagerly instead of replaying CUDA graphs (CUDA only)",
     "host": "address to listen on",
     "port": "port to listen on",
     "tp": "tensor parallel degree (only 1 for now)",
     "nccl_port": "accepted for LightLLM compatibility; unused while tp=1",
     "tokenizer_workers": "number of tokenizer processes",
-    "served_model_name": "model name of the OpenAI-compatible routes (default: the model folder's or file's name)",
+    "served_model_name": "the model's name as reported to clients (default: the model folder's or file's name)",
     "api_key": "require `Authorization: Bearer KEY` on every route but /health and /metrics "
     "(default: $LIGHTLLM_API_KEY, else no key)",
 }

@@ -244,3 +244,54 @@ def test_default_model_greedy_on_gpu_equals_cpu():
         assert lp1 - lp2 < 0.125, (i, first, cpu[first], gpu[first])
     print("prompts where bf16 parted from float32 (prompt, token index, cpu top-2 logprob gap):", mismatched)
     assert len(mismatched) <= 2, mismatched
+
+
+def _centered_relative_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    a, b = ours.float() - ours.float().mean(), ref.float() - ref.float().mean()
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.mem_get_info()[0] < 48 * 2**30,
+                    reason="needs ~48 GiB free for two copies of an 8B model")
+def test_llama3_8b_shape_logits_match_hf_in_bf16():
+    """A random Llama-3.1-8B-shaped model (llama3 rope scaling) in bf16: our prefill logits, eager
+    decode logits and CUDA-graph decode logits against HF transformers' forward on the same ids."""
+    from lightllm_plugin.engine.runner import StepEntry
+    from lightllm_plugin.models.loader import InMemoryCheckpoint
+
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072, rope_theta=500000.0,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 8192},
+    )
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        hf = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.bfloat16).eval()
+    config = hf_cfg.to_dict()
+    config["architectures"] = ["LlamaForCausalLM"]
+    cfg = EngineConfig(device="cuda", data_type="bfloat16", max_req_total_len=512, max_req_input_len=256,
+                       max_total_token_num=1024, running_max_req_size=4)
+    runner = ModelRunner(cfg, "memory", "<in-memory>", progress=False,
+                         checkpoint=InMemoryCheckpoint(config, hf.state_dict().items()))
+    runner.size_kv_pool()
+    prompt = torch.randint(0, hf_cfg.vocab_size, (100,), generator=torch.Generator().manual_seed(5)).tolist()
+    row = runner.req_table.alloc_row()
+    with torch.inference_mode():
+        ours = [runner._forward([StepEntry(row, prompt, 0, list(range(len(prompt))), None)], runner.kv_pool)[0]]
+        ids = list(prompt)
+        for k in range(6):
+            ids.append(int(ours[-1].argmax()))
+            pos = len(ids) - 1
+            entry = StepEntry(row, [ids[-1]], pos, [pos], None)
+            if k % 2 == 0:
+                logits = runner._forward([entry], runner.kv_pool)[0]
+            else:
+                logits = runner.decode_graphs.run([ids[-1]], [pos], [row], [pos])[0]
+            ours.append(logits.clone())
+        ref = hf(torch.tensor([ids], device="cuda")).logits[0, len(prompt) - 1:].float()
+    errors = [_centered_relative_error(o, r) for o, r in zip(ours, ref)]
+    print("bf16 relative logit error per position (prefill, eager, graph, ...):", [round(e, 4) for e in errors])
+    assert max(errors) < 0.05, errors
+    agree = sum(int(o.argmax()) == int(r.argmax()) for o, r in zip(ours, ref))
+    assert agree >= len(ours) - 1, (agree, errors)
