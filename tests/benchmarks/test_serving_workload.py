@@ -13,7 +13,7 @@ serving = pytest.importorskip("serving")
 def test_model_folder_tokenizer_gives_one_token_per_word(tmp_path):
     from lightllm_plugin.models.tokenizer import load_tokenizer
 
-    cfg = serving.write_model_folder(str(tmp_path), "tiny", serving.torch.float32)
+    cfg = serving.write_model_folder(str(tmp_path), "tiny", "cpu", serving.torch.float32)
     tok = load_tokenizer(str(tmp_path))
     words = cfg.vocab_size - len(serving.SPECIAL_TOKENS)
     reqs = serving.make_workload(20, (1, 300), (1, 2), words, seed=3)
