@@ -38,7 +38,7 @@ def plot(json_path: str, png_path: str) -> None:
     args = data["args"]
     subtitle = f"{args['shape']} on {data['device']}, {args['num_requests']} requests"
     if data.get("offline"):
-        subtitle += f"; saturation / offline throughput = {data['saturation_over_offline']:.3f}"
+        subtitle += f"; throughput at saturation / offline (medians) = {data['saturation_over_offline']:.3f}"
     fig.suptitle(subtitle)
     fig.tight_layout()
     fig.savefig(png_path, dpi=120)
