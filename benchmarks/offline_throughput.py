@@ -31,6 +31,11 @@ import torch
 import transformers
 
 SHAPES = {
+    # CPU smoke runs only: a real architecture at toy size
+    "tiny": lambda: transformers.LlamaConfig(
+        vocab_size=2048, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+    ),
     "smollm-135m": lambda: transformers.LlamaConfig(
         vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, tie_word_embeddings=True,
