@@ -2,12 +2,13 @@
 # One device session: the GPU tests, then issue 7's decode-latency and offline-throughput
 # benchmarks, each under its own time limit so one failure does not cost the others.
 # Logs go to $OUT (or ./gpu_logs); the tables are printed again at the end.
-# Usage: benchmarks/run_gpu.sh [tests] [latency] [llama] [qwen]   (default: all four)
+# Usage: benchmarks/run_gpu.sh [tests] [default] [latency] [llama] [qwen] [serving]   (default: all)
+# `default` needs the default model's GGUF in $LIGHTLLM_PLUGIN_CACHE (the GPU machine has no network).
 set -u
 OUT=${OUT:-gpu_logs}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-parts=${*:-tests latency llama qwen}
+parts=${*:-tests default latency llama qwen serving}
 run() {  # name, seconds, command...
     local name=$1 limit=$2
     shift 2
@@ -21,10 +22,12 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
 for part in $parts; do
     case $part in
         tests) run tests 240 python -m pytest -q -rs tests/gpu -p no:cacheprovider -s -k "not default_model" ;;
+        default) run default 200 python -m pytest -q -rs -s tests/gpu -p no:cacheprovider -k default_model ;;
         latency) run latency 170 python benchmarks/decode_latency.py --shape llama3-8b --prompt-len 128 --new-tokens 256 --hf-tokens 32 ;;
         llama) run llama 230 python benchmarks/offline_throughput.py --shape llama3-8b --hf-batch 16 --hf-requests 16 ;;
         qwen) run qwen 150 python benchmarks/offline_throughput.py --shape qwen3-0.6b --hf-batch 64 --hf-requests 64 ;;
+        serving) run serving 330 python benchmarks/serving.py --shape qwen3-0.6b --num-requests 256 --rates 8,24,48,inf --repeats 2 --out-json "$OUT/serving_results.json" ;;
     esac
 done
 echo "=== summary"
-grep -h -E '^(command|device|ceilings|engine|\||HF /|[0-9]+ passed|FAILED|SKIPPED|bf16 relative|prompts where|batch-1 graph)' "$OUT"/*.log
+grep -h -E '^(command|device|ceilings|engine|server|offline|\||HF /|[0-9]+ passed|FAILED|SKIPPED|bf16 relative|prompts where|batch-1 graph)' "$OUT"/*.log
