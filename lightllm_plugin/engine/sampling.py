@@ -80,7 +80,11 @@ class PendingSample:
         if device.type == "cuda":
             # copies into pinned host memory, then an event: waiting for this step leaves later
             # steps queued behind it running
-            self._staged = [t.to("cpu", non_blocking=True) for t in parts]
+            # into pinned memory explicitly: a copy to pageable memory would wait for the whole
+            # stream, including the step queued behind this one
+            self._staged = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in parts]
+            for host, dev in zip(self._staged, parts):
+                host.copy_(dev, non_blocking=True)
             self._ready = torch.cuda.Event()
             self._ready.record(torch.cuda.current_stream(device))
         else:
