@@ -191,7 +191,7 @@ def main() -> None:
         ours_tps = total_out / ours_s
         slots = engine.total_slots
         replays = graphs.replays - replays0 if graphs is not None else 0
-        del engine
+        del engine, graphs  # the graphs hold the KV pool
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()

@@ -25,7 +25,7 @@ for part in $parts; do
         default) run default 200 python -m pytest -q -rs -s tests/gpu -p no:cacheprovider -k default_model ;;
         latency) run latency 170 python benchmarks/decode_latency.py --shape llama3-8b --prompt-len 128 --new-tokens 256 --hf-tokens 32 ;;
         llama) run llama 230 python benchmarks/offline_throughput.py --shape llama3-8b --hf-batch 16 --hf-requests 16 ;;
-        qwen) run qwen 150 python benchmarks/offline_throughput.py --shape qwen3-0.6b --hf-batch 64 --hf-requests 64 ;;
+        qwen) run qwen 200 python benchmarks/offline_throughput.py --shape qwen3-0.6b --hf-batch 32 --hf-requests 32 ;;
         serving) run serving 330 python benchmarks/serving.py --shape qwen3-0.6b --num-requests 256 --rates 8,24,48,inf --repeats 2 --out-json "$OUT/serving_results.json" ;;
     esac
 done

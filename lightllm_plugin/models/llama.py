@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from lightllm_plugin.kernels.kv_scatter import kv_scatter
+from lightllm_plugin.kernels.one_row_linear import one_row_linear
 from lightllm_plugin.kernels.rmsnorm import rmsnorm
 from lightllm_plugin.kernels.rotary import rotary
 from lightllm_plugin.kernels.silu_and_mul import silu_and_mul
@@ -101,7 +102,8 @@ class DecoderLayer(nn.Module):
         attn = token_attention(
             q, kv_layer, meta.req_to_token, meta.b_req_idx, meta.b_seq_len, meta.b_q_start, meta.b_q_len, self.scale
         )
-        hidden = self.o_proj(attn.reshape(-1, q_size))
+        # batch-1 decode: cuBLAS reads this square weight slowly at one row (kernels/one_row_linear.py)
+        hidden = one_row_linear(attn.reshape(-1, q_size), self.o_proj.weight, self.o_proj.bias)
         x, residual = rmsnorm(hidden, self.post_attention_layernorm, eps, residual)
         hidden = self.down_proj(silu_and_mul(self.gate_up_proj(x)))
         return hidden, residual

@@ -16,6 +16,7 @@ from kernel_check import TOL, assert_close, make_batch, rel_err  # noqa: E402
 from lightllm_plugin.kernels import _triton  # noqa: E402
 from lightllm_plugin.kernels.decode_attention import decode_attention  # noqa: E402
 from lightllm_plugin.kernels.kv_scatter import kv_scatter, kv_scatter_ref  # noqa: E402
+from lightllm_plugin.kernels.one_row_linear import _chosen, one_row_linear  # noqa: E402
 from lightllm_plugin.kernels.prefill_attention import prefill_attention  # noqa: E402
 from lightllm_plugin.kernels.rmsnorm import rmsnorm, rmsnorm_ref  # noqa: E402
 from lightllm_plugin.kernels.rotary import rotary, rotary_ref  # noqa: E402
@@ -151,3 +152,16 @@ def test_token_attention_mixed_batch_cuda(dtype):
     out = token_attention(q, kv, *meta, 128**-0.5)
     tol = 1e-4 if dtype == torch.float32 else TOL[dtype]
     assert_close(out, token_attention_ref(q, kv, *meta, 128**-0.5), dtype, tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,k", [(4096, 4096), (1024, 4096), (4096, 14336), (5000, 3000)])
+def test_one_row_linear_cuda(dtype, n, k):
+    """Whichever of the kernel and cuBLAS was picked for the shape, the answer is F.linear's in float64."""
+    g = _gen(n + k)
+    x = torch.randn(1, k, device=DEV, generator=g).to(dtype)
+    w = (torch.randn(n, k, device=DEV, generator=g) / k**0.5).to(dtype)
+    out = one_row_linear(x, w)
+    assert (tuple(w.shape), dtype, w.device) in _chosen
+    print(f"one_row_linear {n}x{k} {dtype}: kernel config {_chosen[(tuple(w.shape), dtype, w.device)]}")
+    assert_close(out, torch.nn.functional.linear(x.double(), w.double()), dtype)
