@@ -87,7 +87,8 @@ class DecoderLayer(nn.Module):
         cfg = self.cfg
         eps = cfg.rms_norm_eps
         x, residual = rmsnorm(hidden, self.input_layernorm, eps, residual)
-        qkv = self.qkv_proj(x)
+        # one_row_linear: at batch-1 decode cuBLAS reads some of these shapes below the copy rate
+        qkv = one_row_linear(x, self.qkv_proj.weight, self.qkv_proj.bias)
         q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         q = qkv[:, :q_size].reshape(-1, cfg.num_heads, cfg.head_dim)  # [T, H, D]
         k = qkv[:, q_size : q_size + kv_size].reshape(-1, cfg.num_kv_heads, cfg.head_dim)
@@ -102,10 +103,10 @@ class DecoderLayer(nn.Module):
         attn = token_attention(
             q, kv_layer, meta.req_to_token, meta.b_req_idx, meta.b_seq_len, meta.b_q_start, meta.b_q_len, self.scale
         )
-        # batch-1 decode: cuBLAS reads this square weight slowly at one row (kernels/one_row_linear.py)
         hidden = one_row_linear(attn.reshape(-1, q_size), self.o_proj.weight, self.o_proj.bias)
         x, residual = rmsnorm(hidden, self.post_attention_layernorm, eps, residual)
-        hidden = self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        gate_up = one_row_linear(x, self.gate_up_proj.weight)
+        hidden = one_row_linear(silu_and_mul(gate_up), self.down_proj.weight)
         return hidden, residual
 
 
