@@ -310,6 +310,8 @@ def test_llama3_8b_shape_logits_match_hf_in_bf16():
     print("bf16 relative logit error against HF float32, per position (prefill, eager, graph, ...): ours",
           [round(e, 4) for e in ours_err], "HF bf16", [round(e, 4) for e in hf_err])
     assert max(ours_err) <= 1.25 * max(hf_err) + 0.01, (ours_err, hf_err)
-    errors = ours_err
-    agree = sum(int(o.argmax()) == int(r.argmax()) for o, r in zip(ours, ref))
-    assert agree >= len(ours) - 1, (agree, errors)
+    # random weights give nearly flat logits, so even HF's bf16 argmax parts from float32 at times
+    ours_agree = sum(int(o.argmax()) == int(r.argmax()) for o, r in zip(ours, ref))
+    hf_agree = sum(int(o.argmax()) == int(r.argmax()) for o, r in zip(ref_bf16, ref))
+    print(f"argmax equal to float32's at {ours_agree}/{len(ref)} positions (HF bf16: {hf_agree})")
+    assert ours_agree >= hf_agree - 1, (ours_agree, hf_agree)
