@@ -7,7 +7,7 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
 
-serving = pytest.importorskip("serving")
+import serving  # noqa: E402
 
 
 def test_model_folder_tokenizer_gives_one_token_per_word(tmp_path):
