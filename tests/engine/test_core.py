@@ -77,7 +77,7 @@ def test_pool_too_small_queues_and_completes_everything():
 
 
 def test_abort_frees_slots_at_once(engine):
-    engine.add_request(10, _ids(engine, "Count to one hundred:"), SamplingParams(temperature=0, max_new_tokens=100))
+    engine.add_request(10, _ids(engine, "Count to one hundred:"), SamplingParams(temperature=0, max_new_tokens=100, ignore_eos=True))
     engine.step()
     engine.step()
     assert engine.used_slots > 0
@@ -87,7 +87,7 @@ def test_abort_frees_slots_at_once(engine):
 
 
 def test_finished_request_frees_slots_the_same_step(engine):
-    engine.add_request(20, _ids(engine, "Hello"), SamplingParams(temperature=0, max_new_tokens=1))
+    engine.add_request(20, _ids(engine, "Hello"), SamplingParams(temperature=0, max_new_tokens=1, ignore_eos=True))
     events = engine.step()
     assert events[0].finish_reason == "length"
     assert engine.used_slots == 0
@@ -114,7 +114,7 @@ def test_lengths_beyond_the_model_context_are_capped(tmp_path):
     assert ec.max_req_total_len == 300 and ec.max_req_input_len == 299
     with pytest.raises(ValueError, match="max_req_input_len=299"):
         core.add_request(1, [1] * 300, SamplingParams(max_new_tokens=1))
-    core.add_request(2, [1] * 290, SamplingParams(max_new_tokens=10, temperature=0))
+    core.add_request(2, [1] * 290, SamplingParams(max_new_tokens=10, temperature=0, ignore_eos=True))
     assert len(_run_to_end(core)[2]) == 10
 
 
