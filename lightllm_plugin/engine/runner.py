@@ -27,7 +27,8 @@ _DTYPES = {
     "bfloat16": torch.bfloat16,
     "bf16": torch.bfloat16,
 }
-# on CPU a pool larger than this many full-length requests is never useful and costs RAM up front
+# on CPU a pool larger than this many full-length requests is never used: the CPU engine is too
+# slow to keep more requests running at once (the mmap'd pool only takes RAM where tokens are written)
 _CPU_POOL_REQUESTS = 8
 
 
