@@ -200,10 +200,7 @@ class EngineCore:
         order: list[_LiveRequest] = []
         for sched in batch.decode:
             live = self._live[sched.req_id]
-            slots = self.free_slots.allocate(1)
-            start = len(live.prompt_ids) + len(live.output_ids) - 1
-            entries.append(StepEntry(live.row, [live.output_ids[-1]], start, slots, live.sampler))
-            live.slots.extend(slots)
+            entries.append(self._decode_entry(live, len(live.output_ids), live.output_ids[-1]))
             order.append(live)
         for sched in batch.prefill:
             live = self._live[sched.req_id]
@@ -215,6 +212,12 @@ class EngineCore:
         for live in order:
             live.sampler.blocked_ids = self._blocked_ids(live, len(live.output_ids))
         return _LaunchedStep(order, self.runner.launch(entries))
+
+    def _decode_entry(self, live: _LiveRequest, output_len: int, token: int) -> StepEntry:
+        """Feed back output token number `output_len` (1-based) into one new KV slot."""
+        slots = self.free_slots.allocate(1)
+        live.slots.extend(slots)
+        return StepEntry(live.row, [token], len(live.prompt_ids) + output_len - 1, slots, live.sampler)
 
     def _blocked_ids(self, live: _LiveRequest, output_len: int) -> list[int]:
         return sorted(live.stop_ids) if output_len < live.params.min_new_tokens else []
@@ -244,10 +247,8 @@ class EngineCore:
         entries = []
         for live in order:
             output_len = len(live.output_ids) + 1
-            slots = self.free_slots.allocate(1)
-            live.slots.extend(slots)
             live.sampler.blocked_ids = self._blocked_ids(live, output_len)
-            entries.append(StepEntry(live.row, [0], len(live.prompt_ids) + output_len - 1, slots, live.sampler))
+            entries.append(self._decode_entry(live, output_len, 0))  # the token comes from the device
         tokens = launched.pending.tokens
         if len(rows) != len(launched.order):
             tokens = tokens[torch.tensor(rows, dtype=torch.long, pin_memory=True).to(tokens.device, non_blocking=True)]

@@ -178,24 +178,18 @@ class ModelRunner:
         return self.model(ids, pos, kv_pool, meta, last)
 
     def can_chain(self, batch_size: int) -> bool:
-        """Whether a decode step of this many requests can take its input ids from the device
-        (a CUDA-graph step), so it can be queued before the previous step is read back."""
+        """Whether a decode step of this many requests replays a CUDA graph, and so can take its
+        input ids from the device and be queued before the previous step is read back."""
         graphs = self.decode_graphs
+        # enforce_eager is read per step so one engine can time both paths
         return graphs is not None and not self.config.enforce_eager and batch_size <= graphs.max_batch
 
     @torch.inference_mode()
     def launch(self, entries: list[StepEntry], chained_ids: torch.Tensor | None = None) -> PendingSample:
         """Queue one step (forward + sampling) without waiting for it. `chained_ids` ([B] on the
         device) are the input ids of a decode step whose previous tokens are not on the host yet."""
-        graphs = self.decode_graphs
-        # enforce_eager is read per step so one engine can time both paths
-        if (
-            graphs is not None
-            and not self.config.enforce_eager
-            and len(entries) <= graphs.max_batch
-            and all(len(e.input_ids) == 1 for e in entries)
-        ):
-            logits = graphs.run(
+        if self.can_chain(len(entries)) and all(len(e.input_ids) == 1 for e in entries):
+            logits = self.decode_graphs.run(
                 [e.input_ids[0] for e in entries], [e.start_pos for e in entries],
                 [e.row for e in entries], [e.slots[0] for e in entries], ids_on_device=chained_ids,
             )
