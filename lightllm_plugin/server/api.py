@@ -24,10 +24,10 @@ OPEN_PATHS = frozenset({"/health", "/healthz", "/metrics"})
 
 
 def builtin_route_hooks() -> list[RouteHook]:
-    """The adapters that ship with the server (until the plugin manager registers them).
+    """The adapters that ship with the server (until the plugin manager registers them)."""
+    from lightllm_plugin.adapters.openai import register_routes
 
-    None yet: the OpenAI, LangChain and LazyLLM adapters land with their own issues."""
-    return []
+    return [register_routes]
 
 
 def create_app(
