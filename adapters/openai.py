@@ -26,6 +26,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import Response
 
 from lightllm_plugin.config import EngineConfig
+from lightllm_plugin.plugins import hookimpl
 from lightllm_plugin.sampling_params import SamplingParams
 from lightllm_plugin.server.engine_client import AsyncEngineClient, RequestRejected
 from lightllm_plugin.server.http_util import BadRequest, DisconnectAbortingStream, read_json_body
@@ -712,9 +713,10 @@ class OpenAIServer:
         )
 
 
-def register_routes(app: FastAPI, client: AsyncEngineClient, config: EngineConfig) -> None:
-    """Add the /v1 routes to the server's app (the route hook every adapter provides)."""
-    server = OpenAIServer(client, config)
+@hookimpl(tryfirst=True)
+def register_routes(app: FastAPI, engine: AsyncEngineClient, config: EngineConfig) -> None:
+    """The built-in plugin "openai": the /v1 routes (see lightllm_plugin.plugins)."""
+    server = OpenAIServer(engine, config)
     router = APIRouter(prefix="/v1")
 
     @router.get("/models")
