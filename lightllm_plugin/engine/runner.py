@@ -154,7 +154,10 @@ class ModelRunner:
         self._request_generators.pop(req_id, None)
 
     # ---- one step ----------------------------------------------------------------------
-    def _forward(self, entries: list[StepEntry], kv_pool: torch.Tensor | QuantizedKVCache) -> torch.Tensor:
+    def _forward(
+        self, entries: list[StepEntry], kv_pool: torch.Tensor | QuantizedKVCache, all_logits: bool = False
+    ) -> torch.Tensor:
+        """Logits of each entry's last token [B, V], or with all_logits of every new token [T, V]."""
         table = self.req_table.req_to_token
         input_ids, positions, slots, token_rows = [], [], [], []
         b_req_idx, b_seq_len, b_q_start, b_q_len, last_index = [], [], [], [], []
@@ -177,7 +180,31 @@ class ModelRunner:
         ids, pos, out_slots, rows, req_idx, seq_len, q_start, q_len, last = packed.split([t, t, t, t, b, b, b, b, b])
         table[rows, pos] = out_slots.to(table.dtype)
         meta = AttentionMetadata(table, req_idx, seq_len, q_start, q_len, out_slots)
-        return self.model(ids, pos, kv_pool, meta, last)
+        return self.model(ids, pos, kv_pool, meta, None if all_logits else last)
+
+    @torch.inference_mode()
+    def teacher_forced_logprobs(self, token_ids: list[int], slots: list[int], chunk: int = 512) -> torch.Tensor:
+        """log p(token_ids[i] | token_ids[:i]) for i = 1 .. n-1 ([n-1] float32), for perplexity.
+
+        The text goes through the engine's own path: chunks of `chunk` tokens are prefilled one
+        after another into `slots` of the KV pool (the caller takes them from the slot free-list
+        and gives them back), each chunk attending to the earlier ones through the pool, as a
+        prefix-cached prefill does; with an int8 pool every key and value is read back quantized."""
+        if len(slots) != len(token_ids):
+            raise ValueError("teacher_forced_logprobs: one slot per token")
+        row = self.req_table.alloc_row()
+        try:
+            logprobs = []
+            for start in range(0, len(token_ids), chunk):
+                end = min(start + chunk, len(token_ids))
+                entry = StepEntry(row, token_ids[start:end], start, slots[start:end], None)
+                logits = self._forward([entry], self.kv_pool, all_logits=True)  # [n, V]
+                logprobs.append(torch.log_softmax(logits.float(), dim=-1))
+            lp = torch.cat(logprobs)[:-1]
+            targets = torch.tensor(token_ids[1:], device=lp.device)
+            return lp.gather(1, targets[:, None]).squeeze(1)
+        finally:
+            self.req_table.free_row(row)
 
     def can_chain(self, batch_size: int) -> bool:
         """Whether a decode step of this many requests can take its input ids from the device
