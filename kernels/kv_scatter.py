@@ -42,7 +42,8 @@ def kv_scatter_ref(
 def _quantize_rows(x, SCALE_MIN: tl.constexpr, SCALE_TY: tl.constexpr):
     # x: [BLOCK_H, BLOCK_D] float32, zero where masked; one scale per row (kv head)
     absmax = tl.max(tl.abs(x), axis=1)
-    scale = tl.maximum(absmax / 127.0, SCALE_MIN).to(SCALE_TY)
+    # div_rn, not `/` (an approximate division on GPUs): the same bits as the torch reference
+    scale = tl.maximum(tl.div_rn(absmax, tl.full(absmax.shape, 127.0, tl.float32)), SCALE_MIN).to(SCALE_TY)
     q = tl.floor(tl.div_rn(x, scale.to(tl.float32)[:, None]) + 0.5)
     q = tl.minimum(tl.maximum(q, -127.0), 127.0)
     return q.to(tl.int8), scale
