@@ -34,6 +34,8 @@ HELP = {
     "long_truncation_mode": "what to do with a prompt over max_req_input_len: refuse it (default), "
     "head (cut its beginning) or tail (cut its end)",
     "seed": "seed of the engine's sampler",
+    "kv_cache_dtype": "KV cache storage: auto (the model dtype) or int8 (per-token-per-head scales, "
+    "about twice the tokens; LightLLM's --mode triton_int8kv)",
     "enforce_eager": "run every decode step eagerly instead of replaying CUDA graphs (CUDA only)",
     "host": "address to listen on",
     "port": "port to listen on",
@@ -111,7 +113,36 @@ def add_lightllm_only_flags(parser: argparse.ArgumentParser) -> None:
             group.add_argument(f"--{name}", action="store_true", default=None, help=argparse.SUPPRESS)
 
 
+# LightLLM's --mode values that map onto an EngineConfig field here: mode -> (field, value)
+MODE_FIELDS = {"triton_int8kv": ("kv_cache_dtype", "int8")}
+
+
+def _modes_to_fields(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
+    """LightLLM's `--mode a b ...`: the modes this engine implements become field values; the
+    others are warned about and ignored. An explicit flag that contradicts a mode is an error."""
+    modes = getattr(args, "mode", None)
+    args.mode = None  # handled here, not by the generic LightLLM-only warning
+    values: dict = {}
+    if modes is None:
+        return values
+    ignored = []
+    for mode in modes:
+        if mode not in MODE_FIELDS:
+            ignored.append(mode)
+            continue
+        name, value = MODE_FIELDS[mode]
+        given = getattr(args, name, None)
+        default = EngineConfig.__dataclass_fields__[name].default
+        if given not in (None, default, value):
+            parser.error(f"--mode {mode} sets {name}={value}, but --{name} {given} was also given")
+        values[name] = value
+    if ignored or not modes:
+        _warn(f"--mode {' '.join(ignored)} is a LightLLM setting with no effect here; ignored")
+    return values
+
+
 def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> EngineConfig:
+    from_modes = _modes_to_fields(args, parser)
     for name, _ in LIGHTLLM_ONLY_FLAGS:
         if getattr(args, name, None) is not None:
             _warn(f"--{name} is a LightLLM flag with no effect here; ignored")
@@ -125,6 +156,7 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
                 _warn(f"--{f.name} has no effect here ({NO_EFFECT_FIELDS[f.name]}); ignored")
             continue
         values[f.name] = value
+    values.update(from_modes)
     if "api_key" in values and values["api_key"] is None:
         values["api_key"] = os.environ.get(API_KEY_ENV) or None
     try:
