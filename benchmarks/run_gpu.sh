@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# One device session: the GPU tests, then issue 7's decode-latency and offline-throughput
-# benchmarks, each under its own time limit so one failure does not cost the others.
+# One device session: the GPU tests, then the decode-latency, offline-throughput, serving and
+# int8 KV benchmarks, each under its own time limit so one failure does not cost the others.
 # Logs go to $OUT (or ./gpu_logs); the tables are printed again at the end.
-# Usage: benchmarks/run_gpu.sh [tests] [default] [latency] [llama] [qwen] [serving]   (default: all)
+# Usage: benchmarks/run_gpu.sh [tests] [default] [latency] [llama] [qwen] [serving] [int8]   (default: all)
 # `default` needs the default model's GGUF in $LIGHTLLM_PLUGIN_CACHE (the GPU machine has no network).
 set -u
 OUT=${OUT:-gpu_logs}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-parts=${*:-tests default latency llama qwen serving}
+parts=${*:-tests default latency llama qwen serving int8}
 run() {  # name, seconds, command...
     local name=$1 limit=$2
     shift 2
@@ -26,8 +26,9 @@ for part in $parts; do
         latency) run latency 170 python benchmarks/decode_latency.py --shape llama3-8b --prompt-len 128 --new-tokens 256 --hf-tokens 32 ;;
         llama) run llama 230 python benchmarks/offline_throughput.py --shape llama3-8b --hf-batch 16 --hf-requests 16 ;;
         qwen) run qwen 200 python benchmarks/offline_throughput.py --shape qwen3-0.6b --hf-batch 32 --hf-requests 32 ;;
+        int8) run int8 300 python benchmarks/int8_kv.py --shape llama3-8b ;;
         serving) run serving 330 python benchmarks/serving.py --shape qwen3-0.6b --num-requests 256 --rates 8,24,48,inf --repeats 2 --out-json "$OUT/serving_results.json" ;;
     esac
 done
 echo "=== summary"
-grep -h -E '^(command|device|ceilings|engine|server|offline|\||HF /|[0-9]+ passed|FAILED|SKIPPED|bf16 relative|prompts where|batch-1 graph)' "$OUT"/*.log
+grep -h -E '^(command|device|ceilings|engine|server|offline|overflow|profiled slots|int8 KV greedy|\||HF /|[0-9]+ passed|FAILED|SKIPPED|bf16 relative|prompts where|batch-1 graph)' "$OUT"/*.log

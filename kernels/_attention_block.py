@@ -31,9 +31,13 @@ def _dot(a, b, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 def attend_kv_block(
     q, acc, m_i, l_i,
     KV, slot_row, n0, n_end, k_head_off, v_head_off, stride_kvs, head_dim, q_pos, qk_scale,
+    KS, k_scale_off, v_scale_off, stride_kss,
     CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, QUANT: tl.constexpr,
 ):
+    # QUANT: KV holds int8 and KS one scale per (slot, K-or-V head). The int8 values are exact in
+    # every float dtype, so the dots run on them as they are and the scales are applied after:
+    # K's to the scores (one per key column), V's to the probabilities, never to a copy of K/V.
     offs_n = n0 + tl.arange(0, BLOCK_N)
     n_ok = offs_n < n_end
     dims = tl.arange(0, BLOCK_D)
@@ -43,7 +47,18 @@ def attend_kv_block(
     base = KV + slots[:, None] * stride_kvs + dims[None, :]
     k = tl.load(base + k_head_off, mask=kv_mask, other=0.0)
     v = tl.load(base + v_head_off, mask=kv_mask, other=0.0)
-    s = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT) * qk_scale
+    if QUANT:
+        if UPCAST_DOT:  # the interpreter's bfloat16 is raw bits (see _dot): go through float32
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        else:
+            k = k.to(q.dtype)
+            v = v.to(q.dtype)
+    s = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT)
+    if QUANT:
+        k_scale = tl.load(KS + slots * stride_kss + k_scale_off, mask=n_ok, other=0.0).to(tl.float32)
+        s = s * k_scale[None, :]
+    s = s * qk_scale
     keep = n_ok[None, :]
     if CAUSAL:
         keep = keep & (offs_n[None, :] <= q_pos[:, None])
@@ -52,6 +67,9 @@ def attend_kv_block(
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
+    if QUANT:
+        v_scale = tl.load(KS + slots * stride_kss + v_scale_off, mask=n_ok, other=0.0).to(tl.float32)
+        p = p * v_scale[None, :]
     acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PRECISION, UPCAST_DOT)
     return acc, m_new, l_i
 

@@ -21,12 +21,12 @@ from lightllm_plugin.kernels._triton import cdiv, jit, next_pow2, tl
 
 @jit
 def _decode_split_kernel(
-    Q, KV, MidO, MidLse, ReqToToken, BReqIdx, BSeqLen, BQStart,
+    Q, KV, KS, MidO, MidLse, ReqToToken, BReqIdx, BSeqLen, BQStart,
     qk_scale, head_dim, kv_heads, num_splits,
-    stride_qt, stride_qh, stride_kvs, stride_kvh, stride_req,
+    stride_qt, stride_qh, stride_kvs, stride_kvh, stride_kss, stride_req,
     stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b, stride_ml_h,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, QUANT: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -52,7 +52,8 @@ def _decode_split_kernel(
     for n0 in range(start, end, BLOCK_N):
         acc, m_i, l_i = attend_kv_block(
             q, acc, m_i, l_i, KV, slot_row, n0, end, kvh * stride_kvh, (kv_heads + kvh) * stride_kvh,
-            stride_kvs, head_dim, 0, qk_scale, False, BLOCK_N, BLOCK_D, DOT_PRECISION, UPCAST_DOT,
+            stride_kvs, head_dim, 0, qk_scale, KS, kvh, kv_heads + kvh, stride_kss,
+            False, BLOCK_N, BLOCK_D, DOT_PRECISION, UPCAST_DOT, QUANT,
         )
     # a split past the end of a short sequence holds no keys: weight zero in stage 2
     has_keys = l_i > 0
@@ -114,6 +115,7 @@ def decode_attention(
     block_n: int = 64,
     num_warps: int = 4,
     num_stages: int = 2,
+    kv_scale: torch.Tensor | None = None,  # [slots+1, 2*Hkv]: kv_layer is int8, dequantized as it is read
 ) -> torch.Tensor:
     """Every request must have exactly one new query token and seq_len >= 1."""
     tokens, num_heads, head_dim, kv_heads, group, batch = attention_dims(q, kv_layer, b_req_idx)
@@ -126,13 +128,15 @@ def decode_attention(
     mid_lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
     block_d = next_pow2(head_dim)
     _decode_split_kernel[(batch, kv_heads, num_splits)](
-        q, kv_layer, mid_o, mid_lse, req_to_token, b_req_idx, b_seq_len, b_q_start,
-        scale * LOG2E, head_dim, kv_heads, num_splits,
-        q.stride(0), q.stride(1), kv_layer.stride(0), kv_layer.stride(1), req_to_token.stride(0),
+        q, kv_layer, kv_layer if kv_scale is None else kv_scale, mid_o, mid_lse, req_to_token, b_req_idx, b_seq_len,
+        b_q_start, scale * LOG2E, head_dim, kv_heads, num_splits,
+        q.stride(0), q.stride(1), kv_layer.stride(0), kv_layer.stride(1), 0 if kv_scale is None else kv_scale.stride(0),
+        req_to_token.stride(0),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         # tensor-core dots need at least 16 rows: a GQA group is padded up to that
         GROUP=group, BLOCK_G=max(16, next_pow2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
-        DOT_PRECISION=dot_precision(q.dtype), UPCAST_DOT=upcast_dot(q.dtype), num_warps=num_warps, num_stages=num_stages,
+        DOT_PRECISION=dot_precision(q.dtype), UPCAST_DOT=upcast_dot(q.dtype), QUANT=kv_scale is not None,
+        num_warps=num_warps, num_stages=num_stages,
     )
     _decode_reduce_kernel[(batch, num_heads)](
         mid_o, mid_lse, out, b_q_start,

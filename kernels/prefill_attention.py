@@ -18,11 +18,11 @@ from lightllm_plugin.kernels._triton import cdiv, jit, next_pow2, tl
 
 @jit
 def _prefill_attention_kernel(
-    Q, KV, Out, ReqToToken, BReqIdx, BSeqLen, BQStart, BQLen,
+    Q, KV, KS, Out, ReqToToken, BReqIdx, BSeqLen, BQStart, BQLen,
     qk_scale, head_dim, kv_heads,
-    stride_qt, stride_qh, stride_ot, stride_oh, stride_kvs, stride_kvh, stride_req,
+    stride_qt, stride_qh, stride_ot, stride_oh, stride_kvs, stride_kvh, stride_kss, stride_req,
     GROUP: tl.constexpr, Q_TOKENS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, QUANT: tl.constexpr,
 ):
     tl.static_assert(Q_TOKENS * GROUP <= BLOCK_M)
     q_block = tl.program_id(0)
@@ -58,12 +58,12 @@ def _prefill_attention_kernel(
         for n0 in range(0, n_full, BLOCK_N):
             acc, m_i, l_i = attend_kv_block(
                 q, acc, m_i, l_i, KV, slot_row, n0, n_end, k_off, v_off, stride_kvs, head_dim, q_pos, qk_scale,
-                False, BLOCK_N, BLOCK_D, DOT_PRECISION, UPCAST_DOT,
+                KS, kvh, kv_heads + kvh, stride_kss, False, BLOCK_N, BLOCK_D, DOT_PRECISION, UPCAST_DOT, QUANT,
             )
         for n0 in range(n_full, n_end, BLOCK_N):
             acc, m_i, l_i = attend_kv_block(
                 q, acc, m_i, l_i, KV, slot_row, n0, n_end, k_off, v_off, stride_kvs, head_dim, q_pos, qk_scale,
-                True, BLOCK_N, BLOCK_D, DOT_PRECISION, UPCAST_DOT,
+                KS, kvh, kv_heads + kvh, stride_kss, True, BLOCK_N, BLOCK_D, DOT_PRECISION, UPCAST_DOT, QUANT,
             )
         out = acc / l_i[:, None]
         tl.store(Out + tok64[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :], out, mask=io_mask)
@@ -83,6 +83,7 @@ def prefill_attention(
     block_n: int = 64,
     num_warps: int | None = None,
     num_stages: int = 2,
+    kv_scale: torch.Tensor | None = None,  # [slots+1, 2*Hkv]: kv_layer is int8, dequantized as it is read
 ) -> torch.Tensor:
     """Every row must have q_len >= 1; q, kv_layer and req_to_token rows unit-stride in the last dim.
 
@@ -104,12 +105,12 @@ def prefill_attention(
     if num_warps is None:
         num_warps = 8 if block_m * block_d >= 128 * 128 else 4
     _prefill_attention_kernel[grid](
-        q, kv_layer, out, req_to_token, b_req_idx, b_seq_len, b_q_start, b_q_len,
-        scale * LOG2E, head_dim, kv_heads,
+        q, kv_layer, kv_layer if kv_scale is None else kv_scale, out, req_to_token, b_req_idx, b_seq_len, b_q_start,
+        b_q_len, scale * LOG2E, head_dim, kv_heads,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), kv_layer.stride(0), kv_layer.stride(1),
-        req_to_token.stride(0),
+        0 if kv_scale is None else kv_scale.stride(0), req_to_token.stride(0),
         GROUP=group, Q_TOKENS=q_tokens, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        DOT_PRECISION=dot_precision(q.dtype), UPCAST_DOT=upcast_dot(q.dtype),
+        DOT_PRECISION=dot_precision(q.dtype), UPCAST_DOT=upcast_dot(q.dtype), QUANT=kv_scale is not None,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out

@@ -26,6 +26,12 @@ def _expand_kv_heads(x: torch.Tensor, group: int) -> torch.Tensor:
     return x if group == 1 else x.repeat_interleave(group, dim=-3)
 
 
+def _gather(kv_layer: torch.Tensor, kv_scale: torch.Tensor | None, slots: torch.Tensor) -> torch.Tensor:
+    # one batch's keys and values (the reference gathers them either way); int8 ones dequantized
+    kv = kv_layer[slots]
+    return kv if kv_scale is None else kv.float() * kv_scale[slots].float()[..., None]
+
+
 def token_attention_ref(
     q: torch.Tensor,  # [T, H, D] packed new tokens
     kv_layer: torch.Tensor,  # [slots+1, 2*Hkv, D]
@@ -35,6 +41,7 @@ def token_attention_ref(
     b_q_start: torch.Tensor,  # [B] offset of the request's first new token in q
     b_q_len: torch.Tensor,  # [B] new tokens of the request
     scale: float,
+    kv_scale: torch.Tensor | None = None,  # [slots+1, 2*Hkv]: kv_layer is int8 (quantized by kv_scatter)
 ) -> torch.Tensor:
     num_heads, head_dim = q.shape[1], q.shape[2]
     kv_heads = kv_layer.shape[1] // 2
@@ -52,7 +59,7 @@ def token_attention_ref(
         rows = torch.tensor([req_idx[b] for b in decode], device=q.device)
         lens = torch.tensor([seq_len[b] for b in decode], device=q.device)
         slots = req_to_token[rows, :max_len].long()  # [Bd, L]
-        kv = kv_layer[slots]  # [Bd, L, 2Hkv, D]
+        kv = _gather(kv_layer, kv_scale, slots)  # [Bd, L, 2Hkv, D]
         k = _expand_kv_heads(kv[:, :, :kv_heads].transpose(1, 2).float(), group)  # [Bd, H, L, D]
         v = _expand_kv_heads(kv[:, :, kv_heads:].transpose(1, 2).float(), group)
         qpos = torch.tensor([q_start[b] for b in decode], device=q.device)
@@ -64,7 +71,7 @@ def token_attention_ref(
     for b in prefill:
         n, length = q_len[b], seq_len[b]
         slots = req_to_token[req_idx[b], :length].long()
-        kv = kv_layer[slots]  # [L, 2Hkv, D]
+        kv = _gather(kv_layer, kv_scale, slots)  # [L, 2Hkv, D]
         k = _expand_kv_heads(kv[:, :kv_heads].transpose(0, 1).float(), group)  # [H, L, D]
         v = _expand_kv_heads(kv[:, kv_heads:].transpose(0, 1).float(), group)
         qb = q[q_start[b] : q_start[b] + n].transpose(0, 1).float()  # [H, n, D]
@@ -85,14 +92,22 @@ def token_attention(
     b_q_start: torch.Tensor,
     b_q_len: torch.Tensor,
     scale: float,
+    kv_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    """`kv_scale` ([slots+1, 2*Hkv]) marks an int8 `kv_layer`; K/V are dequantized as they are read."""
     if q.dim() != 3 or kv_layer.dim() != 3 or kv_layer.shape[2] != q.shape[2]:
         raise ValueError(f"token_attention: q {tuple(q.shape)} and kv {tuple(kv_layer.shape)} do not fit")
     if q.shape[1] % (kv_layer.shape[1] // 2):
         raise ValueError("token_attention: query heads must be a multiple of kv heads")
+    if kv_scale is not None and (kv_layer.dtype != torch.int8 or kv_scale.shape != kv_layer.shape[:2]):
+        raise ValueError(f"token_attention: scales {tuple(kv_scale.shape)} need an int8 kv {tuple(kv_layer.shape)}")
     unit_stride = q.stride(-1) == 1 and kv_layer.stride(-1) == 1 and req_to_token.stride(-1) == 1
+    if kv_scale is not None:
+        unit_stride = unit_stride and kv_scale.stride(-1) == 1
     if use_triton(q) and unit_stride:
         if q.shape[0] == b_req_idx.shape[0]:
-            return decode_attention(q, kv_layer, req_to_token, b_req_idx, b_seq_len, b_q_start, scale)
-        return prefill_attention(q, kv_layer, req_to_token, b_req_idx, b_seq_len, b_q_start, b_q_len, scale)
-    return token_attention_ref(q, kv_layer, req_to_token, b_req_idx, b_seq_len, b_q_start, b_q_len, scale)
+            return decode_attention(q, kv_layer, req_to_token, b_req_idx, b_seq_len, b_q_start, scale,
+                                    kv_scale=kv_scale)
+        return prefill_attention(q, kv_layer, req_to_token, b_req_idx, b_seq_len, b_q_start, b_q_len, scale,
+                                 kv_scale=kv_scale)
+    return token_attention_ref(q, kv_layer, req_to_token, b_req_idx, b_seq_len, b_q_start, b_q_len, scale, kv_scale)

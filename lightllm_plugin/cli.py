@@ -1,4 +1,4 @@
-"""`lightllm-plugin serve | generate | bench`.
+"""`lightllm-plugin serve | generate | bench | plugins`, and the commands plugins add.
 
 Engine flags are generated from EngineConfig's fields, so `--flag` and `config.flag` can
 never drift apart; their names are LightLLM's. LightLLM flags that mean nothing here are
@@ -16,6 +16,7 @@ import types
 import typing
 
 from lightllm_plugin.config import ConfigError, EngineConfig
+from lightllm_plugin.plugins import SKIP_BROKEN_FLAG, PluginError, hookimpl, skip_broken_requested
 
 HELP = {
     "model_dir": "Hugging Face model folder or GGUF file (default: SmolLM2-135M-Instruct, fetched once)",
@@ -33,6 +34,8 @@ HELP = {
     "long_truncation_mode": "what to do with a prompt over max_req_input_len: refuse it (default), "
     "head (cut its beginning) or tail (cut its end)",
     "seed": "seed of the engine's sampler",
+    "kv_cache_dtype": "KV cache storage: auto (the model dtype) or int8 (per-token-per-head scales, "
+    "about twice the tokens; LightLLM's --mode triton_int8kv)",
     "enforce_eager": "run every decode step eagerly instead of replaying CUDA graphs (CUDA only)",
     "host": "address to listen on",
     "port": "port to listen on",
@@ -110,7 +113,36 @@ def add_lightllm_only_flags(parser: argparse.ArgumentParser) -> None:
             group.add_argument(f"--{name}", action="store_true", default=None, help=argparse.SUPPRESS)
 
 
+# LightLLM's --mode values that map onto an EngineConfig field here: mode -> (field, value)
+MODE_FIELDS = {"triton_int8kv": ("kv_cache_dtype", "int8")}
+
+
+def _modes_to_fields(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
+    """LightLLM's `--mode a b ...`: the modes this engine implements become field values; the
+    others are warned about and ignored. An explicit flag that contradicts a mode is an error."""
+    modes = getattr(args, "mode", None)
+    args.mode = None  # handled here, not by the generic LightLLM-only warning
+    values: dict = {}
+    if modes is None:
+        return values
+    ignored = []
+    for mode in modes:
+        if mode not in MODE_FIELDS:
+            ignored.append(mode)
+            continue
+        name, value = MODE_FIELDS[mode]
+        given = getattr(args, name, None)
+        default = EngineConfig.__dataclass_fields__[name].default
+        if given not in (None, default, value):
+            parser.error(f"--mode {mode} sets {name}={value}, but --{name} {given} was also given")
+        values[name] = value
+    if ignored or not modes:
+        _warn(f"--mode {' '.join(ignored)} is a LightLLM setting with no effect here; ignored")
+    return values
+
+
 def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> EngineConfig:
+    from_modes = _modes_to_fields(args, parser)
     for name, _ in LIGHTLLM_ONLY_FLAGS:
         if getattr(args, name, None) is not None:
             _warn(f"--{name} is a LightLLM flag with no effect here; ignored")
@@ -124,6 +156,7 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
                 _warn(f"--{f.name} has no effect here ({NO_EFFECT_FIELDS[f.name]}); ignored")
             continue
         values[f.name] = value
+    values.update(from_modes)
     if "api_key" in values and values["api_key"] is None:
         values["api_key"] = os.environ.get(API_KEY_ENV) or None
     try:
@@ -141,16 +174,25 @@ def build_serve_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description="Serve a model over HTTP (LightLLM's native API).")
     add_engine_flags(parser)
     add_lightllm_only_flags(parser)
+    parser.add_argument(SKIP_BROKEN_FLAG, action="store_true",
+                        help="start without a plugin that fails to load, with a warning naming it "
+                        "(default: such a plugin stops the server; also $LIGHTLLM_PLUGINS_SKIP_BROKEN=1)")
     return parser
 
 
 def serve_main(argv: list[str], prog: str | None = None) -> int:
     parser = build_serve_parser(prog)
-    config = config_from_args(parser.parse_args(argv), parser)
-    from lightllm_plugin.server.api import builtin_route_hooks
-    from lightllm_plugin.server.launcher import serve
+    args = parser.parse_args(argv)
+    config = config_from_args(args, parser)
+    from lightllm_plugin.plugins import load_plugins
+    from lightllm_plugin.server.launcher import fail, serve
 
-    return serve(config, route_hooks=builtin_route_hooks())
+    try:
+        plugins = load_plugins(skip_broken=args.skip_broken_plugins or skip_broken_requested())
+    except PluginError as exc:
+        fail(f"{exc} ({SKIP_BROKEN_FLAG} starts the server without it)")
+        return 1
+    return serve(config, plugins=plugins)
 
 
 def _add_sampling_flags(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
@@ -220,18 +262,60 @@ def bench_main(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"serve": serve_main, "generate": generate_main, "bench": bench_main}
+def plugins_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="lightllm-plugin plugins",
+                                     description="List the loaded plugins, their versions and the hooks each implements.")
+    parser.add_argument(SKIP_BROKEN_FLAG, action="store_true", help="list the others when a plugin fails to load")
+    args = parser.parse_args(argv)
+    from lightllm_plugin.plugins import collect_commands, collect_models, load_plugins
+
+    try:
+        pm = load_plugins(skip_broken=args.skip_broken_plugins or skip_broken_requested())
+        commands = collect_commands(pm)
+        models = collect_models(pm)
+    except PluginError as exc:
+        print(f"lightllm-plugin: error: {exc}", file=sys.stderr)
+        return 1
+    rows = [(i.name, i.version, i.source, i.value, ", ".join(i.hooks) or "-") for i in pm.infos.values()]
+    header = ("name", "version", "source", "module", "hooks")
+    widths = [max(len(r[k]) for r in rows + [header]) for k in range(4)]
+    for row in [header, *rows]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[4])
+    for name, error in pm.broken.items():
+        print(f"{name}: BROKEN, skipped: {error}")
+    print("commands: " + ", ".join(f"{c.name} ({c.plugin})" for c in commands.values()))
+    print("model architectures: " + ", ".join(models))
+    return 0
+
+
+def _serve_command(argv: list[str]) -> int:
+    return serve_main(argv, prog="lightllm-plugin serve")
+
+
+@hookimpl(tryfirst=True)
+def register_cli(cli) -> None:
+    """The built-in plugin "cli": the commands every install has."""
+    cli.add_command("serve", _serve_command, "serve a model over HTTP")
+    cli.add_command("generate", generate_main, "answer one prompt and print the text")
+    cli.add_command("bench", bench_main, "offline throughput")
+    cli.add_command("plugins", plugins_main, "list the loaded plugins and their hooks")
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print("usage: lightllm-plugin {serve,generate,bench} [flags]   (each takes --help)", file=sys.stderr)
+    from lightllm_plugin.plugins import collect_commands, load_plugins
+
+    try:
+        commands = collect_commands(load_plugins(skip_broken=skip_broken_requested(argv)))
+    except PluginError as exc:
+        print(f"lightllm-plugin: error: {exc} ({SKIP_BROKEN_FLAG} goes on without it)", file=sys.stderr)
+        return 1
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
+        print(f"usage: lightllm-plugin {{{','.join(commands)}}} [flags]   (each takes --help)", file=sys.stderr)
+        for c in commands.values():
+            print(f"  {c.name:<10} {c.help}" + (f"  [plugin {c.plugin}]" if c.plugin != "cli" else ""), file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    command, rest = argv[0], argv[1:]
-    if command == "serve":
-        return serve_main(rest, prog="lightllm-plugin serve")
-    return COMMANDS[command](rest)
+    return commands[argv[0]].main(argv[1:])
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 _DATA_TYPES = ("auto", "float32", "fp32", "float16", "fp16", "half", "bfloat16", "bf16")
 _TRUNCATION_MODES = (None, "head", "tail")
+# auto: K/V stored in the model's dtype; int8: symmetric per-token-per-head quantized K/V
+KV_CACHE_DTYPES = ("auto", "int8")
 
 
 class ConfigError(ValueError):
@@ -38,6 +40,7 @@ class EngineConfig:
     running_max_req_size: int = 256
     long_truncation_mode: str | None = None  # None: reject long prompts; head/tail: cut
     seed: int = 0
+    kv_cache_dtype: str = "auto"  # auto: the model dtype; int8: about twice the slots (issue 8)
     # decode steps replay CUDA graphs on GPUs; True runs every step eagerly (debugging, profiling)
     enforce_eager: bool = False
 
@@ -60,6 +63,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.data_type not in _DATA_TYPES:
             raise ConfigError(f"data_type must be one of {_DATA_TYPES}, got {self.data_type!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ConfigError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
         if self.max_total_token_num is not None and self.max_total_token_num < 1:
             raise ConfigError("max_total_token_num must be >= 1")
         if not 0.0 < self.mem_fraction <= 1.0:

@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 import torch
 
+from lightllm_plugin.engine.memory import QuantizedKVCache
 from lightllm_plugin.models.llama import AttentionMetadata
 
 logger = logging.getLogger(__name__)
@@ -44,7 +45,9 @@ class DecodeGraphs:
     def __init__(
         self,
         model: Callable[..., torch.Tensor],
-        kv_pool: torch.Tensor,  # [layers, slots+1, 2*Hkv, D]
+        # [layers, slots+1, 2*Hkv, D], or the int8 pool: its values and scales are both static
+        # tensors, captured by the graphs like the full-precision pool
+        kv_pool: torch.Tensor | QuantizedKVCache,
         req_to_token: torch.Tensor,  # [R+1, L]
         scratch_row: int,
         max_batch: int,

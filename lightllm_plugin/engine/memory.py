@@ -8,8 +8,44 @@ from __future__ import annotations
 
 import math
 import mmap
+from dataclasses import dataclass
 
 import torch
+
+# int8 KV cache (--kv_cache_dtype int8): one scale per (token, kv head) for K and one for V.
+# float16, not float32: at head_dim 64 a float32 scale pair costs 8 bytes against the 128 bytes
+# of int8 K+V per head, which leaves 1.88x the bf16 slot count; float16 gives 1.94x (head_dim 128:
+# 1.97x). float16's 11-bit significand only rounds the scale itself, and the kv-scatter kernel
+# quantizes with the rounded scale, so the error stays within scale/2 of what is stored.
+KV_SCALE_DTYPE = torch.float16
+
+
+@dataclass
+class QuantizedKVCache:
+    """The int8 KV pool: `values` laid out as the full-precision pool, `scales` one entry per
+    (slot, K-or-V head). Indexing with a layer number gives that layer's pair, as the
+    full-precision pool tensor gives its layer, so the model passes either one along."""
+
+    values: torch.Tensor  # int8 [layers, slots+1, 2*Hkv, D] (or one layer: [slots+1, 2*Hkv, D])
+    scales: torch.Tensor  # KV_SCALE_DTYPE [layers, slots+1, 2*Hkv] (or [slots+1, 2*Hkv])
+
+    def __getitem__(self, layer: int) -> "QuantizedKVCache":
+        return QuantizedKVCache(self.values[layer], self.scales[layer])
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.values.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    def nbytes(self) -> int:
+        return self.values.numel() * self.values.element_size() + self.scales.numel() * self.scales.element_size()
 
 
 class SlotFreeList:
@@ -47,20 +83,36 @@ class SlotFreeList:
             raise RuntimeError("KV slot freed twice: the free-list grew past the pool size")
 
 
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
 def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-    return num_layers * 2 * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+    """Bytes one token's K and V take; `dtype` torch.int8 is the quantized pool, scales included."""
+    per_head = head_dim * _element_size(dtype)
+    if dtype == torch.int8:
+        per_head += _element_size(KV_SCALE_DTYPE)
+    return num_layers * 2 * num_kv_heads * per_head
 
 
 def allocate_kv_pool(
     num_layers: int, total_slots: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device
-) -> torch.Tensor:
-    # the extra last slot is a scratch target for padded tokens (CUDA graph batches)
-    shape = (num_layers, total_slots + 1, 2 * num_kv_heads, head_dim)
+) -> torch.Tensor | QuantizedKVCache:
+    """The pool tensor, or for dtype torch.int8 a QuantizedKVCache (int8 values plus their scales).
+    The extra last slot is a scratch target for padded tokens (CUDA graph batches)."""
+    if dtype == torch.int8:
+        values = _zeros((num_layers, total_slots + 1, 2 * num_kv_heads, head_dim), torch.int8, device)
+        scales = _zeros((num_layers, total_slots + 1, 2 * num_kv_heads), KV_SCALE_DTYPE, device)
+        return QuantizedKVCache(values, scales)
+    return _zeros((num_layers, total_slots + 1, 2 * num_kv_heads, head_dim), dtype, device)
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     if device.type == "cpu":
         # anonymous mmap: zero by definition, and a page takes RAM only once a token's K/V is
         # written to it. torch.zeros would commit the whole pool up front (LazyLLM's default
         # max_total_token_num=64000 is 2.8 GiB for SmolLM2-135M in float32, mostly never used).
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        nbytes = math.prod(shape) * _element_size(dtype)
         return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype).view(shape)
     return torch.zeros(shape, dtype=dtype, device=device)
 

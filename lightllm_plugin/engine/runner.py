@@ -10,7 +10,7 @@ import torch
 
 from lightllm_plugin.config import EngineConfig
 from lightllm_plugin.engine.cuda_graphs import DecodeGraphs
-from lightllm_plugin.engine.memory import allocate_kv_pool, kv_bytes_per_token, profiled_slot_count
+from lightllm_plugin.engine.memory import QuantizedKVCache, allocate_kv_pool, kv_bytes_per_token, profiled_slot_count
 from lightllm_plugin.engine.req_table import ReqTable
 from lightllm_plugin.engine.sampling import PendingSample, SampleResult, SamplerRow, launch_sample
 from lightllm_plugin.models.llama import AttentionMetadata
@@ -73,6 +73,8 @@ class ModelRunner:
     ):
         self.config = config
         self.device, self.dtype = resolve_device_and_dtype(config)
+        # what the KV pool stores: the model dtype, or int8 values with float16 scales
+        self.kv_dtype = torch.int8 if config.kv_cache_dtype == "int8" else self.dtype
         config.resolved_device, config.resolved_dtype = self.device.type, str(self.dtype).removeprefix("torch.")
         if checkpoint is not None:
             self.model, self.model_cfg = load_checkpoint(
@@ -84,7 +86,7 @@ class ModelRunner:
             )
         self._clamp_lengths_to_model()
         self.req_table = ReqTable(config.running_max_req_size, config.max_req_total_len, self.device)
-        self.kv_pool: torch.Tensor | None = None
+        self.kv_pool: torch.Tensor | QuantizedKVCache | None = None
         self.decode_graphs: DecodeGraphs | None = None
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(config.seed)
@@ -108,7 +110,7 @@ class ModelRunner:
         """Warm up, size and allocate the KV pool, then capture the decode graphs (CUDA only:
         they take their memory from what the pool left). Returns the slot count."""
         cfg = self.model_cfg
-        per_token = kv_bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.dtype)
+        per_token = kv_bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.kv_dtype)
         if self.config.max_total_token_num is not None:
             slots = self.config.max_total_token_num
         else:
@@ -119,7 +121,7 @@ class ModelRunner:
             else:
                 cap = _CPU_POOL_REQUESTS * self.config.max_req_total_len
             slots = profiled_slot_count(self.device, self.config.mem_fraction, per_token, cap)
-        self.kv_pool = allocate_kv_pool(cfg.num_layers, slots, cfg.num_kv_heads, cfg.head_dim, self.dtype, self.device)
+        self.kv_pool = allocate_kv_pool(cfg.num_layers, slots, cfg.num_kv_heads, cfg.head_dim, self.kv_dtype, self.device)
         if self.device.type == "cuda" and not self.config.enforce_eager:
             self.decode_graphs = DecodeGraphs(
                 self.model, self.kv_pool, self.req_table.req_to_token, self.req_table.scratch_row,
@@ -132,7 +134,7 @@ class ModelRunner:
         """A forward at the largest prefill so the profiled free memory leaves room for activations."""
         num_tokens = min(num_tokens, self.config.max_req_total_len)
         cfg = self.model_cfg
-        pool = allocate_kv_pool(cfg.num_layers, num_tokens, cfg.num_kv_heads, cfg.head_dim, self.dtype, self.device)
+        pool = allocate_kv_pool(cfg.num_layers, num_tokens, cfg.num_kv_heads, cfg.head_dim, self.kv_dtype, self.device)
         row = self.req_table.alloc_row()
         try:
             entry_slots = list(range(num_tokens))
@@ -152,7 +154,10 @@ class ModelRunner:
         self._request_generators.pop(req_id, None)
 
     # ---- one step ----------------------------------------------------------------------
-    def _forward(self, entries: list[StepEntry], kv_pool: torch.Tensor) -> torch.Tensor:
+    def _forward(
+        self, entries: list[StepEntry], kv_pool: torch.Tensor | QuantizedKVCache, all_logits: bool = False
+    ) -> torch.Tensor:
+        """Logits of each entry's last token [B, V], or with all_logits of every new token [T, V]."""
         table = self.req_table.req_to_token
         input_ids, positions, slots, token_rows = [], [], [], []
         b_req_idx, b_seq_len, b_q_start, b_q_len, last_index = [], [], [], [], []
@@ -175,7 +180,31 @@ class ModelRunner:
         ids, pos, out_slots, rows, req_idx, seq_len, q_start, q_len, last = packed.split([t, t, t, t, b, b, b, b, b])
         table[rows, pos] = out_slots.to(table.dtype)
         meta = AttentionMetadata(table, req_idx, seq_len, q_start, q_len, out_slots)
-        return self.model(ids, pos, kv_pool, meta, last)
+        return self.model(ids, pos, kv_pool, meta, None if all_logits else last)
+
+    @torch.inference_mode()
+    def teacher_forced_logprobs(self, token_ids: list[int], slots: list[int], chunk: int = 512) -> torch.Tensor:
+        """log p(token_ids[i] | token_ids[:i]) for i = 1 .. n-1 ([n-1] float32), for perplexity.
+
+        The text goes through the engine's own path: chunks of `chunk` tokens are prefilled one
+        after another into `slots` of the KV pool (the caller takes them from the slot free-list
+        and gives them back), each chunk attending to the earlier ones through the pool, as a
+        prefix-cached prefill does; with an int8 pool every key and value is read back quantized."""
+        if len(slots) != len(token_ids):
+            raise ValueError("teacher_forced_logprobs: one slot per token")
+        row = self.req_table.alloc_row()
+        try:
+            logprobs = []
+            for start in range(0, len(token_ids), chunk):
+                end = min(start + chunk, len(token_ids))
+                entry = StepEntry(row, token_ids[start:end], start, slots[start:end], None)
+                logits = self._forward([entry], self.kv_pool, all_logits=True)  # [n, V]
+                logprobs.append(torch.log_softmax(logits.float(), dim=-1))
+            lp = torch.cat(logprobs)[:-1]
+            targets = torch.tensor(token_ids[1:], device=lp.device)
+            return lp.gather(1, targets[:, None]).squeeze(1)
+        finally:
+            self.req_table.free_row(row)
 
     def can_chain(self, batch_size: int) -> bool:
         """Whether a decode step of this many requests replays a CUDA graph, and so can take its

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lightllm_plugin.engine.memory import QuantizedKVCache
 from lightllm_plugin.kernels.kv_scatter import kv_scatter
 from lightllm_plugin.kernels.one_row_linear import one_row_linear
 from lightllm_plugin.kernels.rmsnorm import rmsnorm
@@ -81,7 +82,7 @@ class DecoderLayer(nn.Module):
         residual: torch.Tensor | None,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        kv_layer: torch.Tensor,
+        kv_layer: torch.Tensor | QuantizedKVCache,
         meta: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.cfg
@@ -99,9 +100,14 @@ class DecoderLayer(nn.Module):
         else:
             q, k = q.contiguous(), k.contiguous()
         rotary(q, k, cos, sin)
-        kv_scatter(kv_layer, k, v, meta.out_slots)
+        # an int8 pool: quantized by kv_scatter as written, dequantized inside attention as read
+        kv_scale = None
+        if isinstance(kv_layer, QuantizedKVCache):
+            kv_layer, kv_scale = kv_layer.values, kv_layer.scales
+        kv_scatter(kv_layer, k, v, meta.out_slots, kv_scale)
         attn = token_attention(
-            q, kv_layer, meta.req_to_token, meta.b_req_idx, meta.b_seq_len, meta.b_q_start, meta.b_q_len, self.scale
+            q, kv_layer, meta.req_to_token, meta.b_req_idx, meta.b_seq_len, meta.b_q_start, meta.b_q_len, self.scale,
+            kv_scale,
         )
         hidden = one_row_linear(attn.reshape(-1, q_size), self.o_proj.weight, self.o_proj.bias)
         x, residual = rmsnorm(hidden, self.post_attention_layernorm, eps, residual)
@@ -133,7 +139,7 @@ class LlamaFamilyModel(nn.Module):
         self,
         input_ids: torch.Tensor,  # [T]
         positions: torch.Tensor,  # [T]
-        kv_cache: torch.Tensor,  # [layers, slots+1, 2*Hkv, D]
+        kv_cache: torch.Tensor | QuantizedKVCache,  # [layers, slots+1, 2*Hkv, D]
         meta: AttentionMetadata,
         logits_index: torch.Tensor | None = None,  # [B] rows whose logits are wanted; None: all
     ) -> torch.Tensor:

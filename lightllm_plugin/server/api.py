@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, PlainTextResponse
@@ -12,30 +12,26 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from lightllm_plugin.config import EngineConfig
 from lightllm_plugin.server.engine_client import AsyncEngineClient
 from lightllm_plugin.server.http_util import RequireApiKey
-from lightllm_plugin.server.native import native_routes
 
 logger = logging.getLogger(__name__)
 
-# an adapter adds its routes with hook(app, client, config)
-RouteHook = Callable[[FastAPI, AsyncEngineClient, EngineConfig], None]
-
 # routes that --api_key leaves open: probes and scrapers carry no key
 OPEN_PATHS = frozenset({"/health", "/healthz", "/metrics"})
-
-
-def builtin_route_hooks() -> list[RouteHook]:
-    """The adapters that ship with the server (until the plugin manager registers them).
-
-    None yet: the OpenAI, LangChain and LazyLLM adapters land with their own issues."""
-    return []
 
 
 def create_app(
     client: AsyncEngineClient,
     config: EngineConfig,
     pipeline_alive: Callable[[], bool] = lambda: True,
-    route_hooks: Iterable[RouteHook] = (),
+    plugins=None,
 ) -> FastAPI:
+    """The app: health and metrics here; every other route (the native API, /v1, third-party
+    routes) comes from a plugin's `register_routes` hook. `plugins`: a loaded
+    PluginManager (default: load them now)."""
+    from lightllm_plugin.plugins import load_plugins
+
+    if plugins is None:
+        plugins = load_plugins()
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         await client.start()
@@ -47,6 +43,7 @@ def create_app(
     app = FastAPI(title="lightllm-plugin", lifespan=lifespan)
     app.state.client = client
     app.state.config = config
+    app.state.plugins = plugins
     if config.api_key:
         app.add_middleware(RequireApiKey, api_key=config.api_key, open_paths=OPEN_PATHS)
 
@@ -61,7 +58,5 @@ def create_app(
     async def metrics():
         return PlainTextResponse(client.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    app.include_router(native_routes(client))
-    for hook in route_hooks:
-        hook(app, client, config)
+    plugins.call_each("register_routes", app=app, engine=client, config=config)
     return app

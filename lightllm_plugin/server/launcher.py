@@ -19,7 +19,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import zmq
@@ -236,13 +235,21 @@ def resolve_model(config: EngineConfig) -> EngineConfig:
     return config.replace(model_dir=path)
 
 
-def serve(config: EngineConfig, route_hooks: Iterable = ()) -> int:
-    """Run the server until SIGINT/SIGTERM (exit code 0) or a child's death (1)."""
+def serve(config: EngineConfig, plugins=None) -> int:
+    """Run the server until SIGINT/SIGTERM (exit code 0) or a child's death (1). `plugins`:
+    a loaded PluginManager (default: load them now, before any process starts)."""
     import uvicorn
 
+    from lightllm_plugin.plugins import PluginError, load_plugins
     from lightllm_plugin.server.api import create_app
     from lightllm_plugin.server.engine_client import AsyncEngineClient
 
+    if plugins is None:
+        try:
+            plugins = load_plugins()
+        except PluginError as exc:
+            fail(f"{exc} (--skip_broken_plugins starts the server without it)")
+            return 1
     # SIGTERM takes the same path as Ctrl+C: every child stopped, the run directory removed
     previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     previous_term = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
@@ -274,7 +281,11 @@ def serve(config: EngineConfig, route_hooks: Iterable = ()) -> int:
         say(f"model {ready.model_path} ready on {ready.device} ({ready.dtype}), {ready.total_slots} KV token slots")
 
         client = AsyncEngineClient(Addresses(run_dir))
-        app = create_app(client, config, pipeline.all_alive, route_hooks)
+        try:
+            app = create_app(client, config, pipeline.all_alive, plugins)
+        except PluginError as exc:
+            fail(f"{exc} (--skip_broken_plugins starts the server without it)")
+            return 1
         server = uvicorn.Server(
             uvicorn.Config(app, host=config.host, port=config.port, loop="asyncio", timeout_graceful_shutdown=5)
         )

@@ -14,6 +14,7 @@ import msgspec
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from lightllm_plugin.plugins import hookimpl
 from lightllm_plugin.sampling_params import SamplingParams
 from lightllm_plugin.server.engine_client import AsyncEngineClient, RequestRejected
 from lightllm_plugin.server.http_util import BadRequest, DisconnectAbortingStream, error_response, read_json_body
@@ -188,3 +189,9 @@ def native_routes(client: AsyncEngineClient) -> APIRouter:
         return DisconnectAbortingStream(events(), media_type="text/event-stream")
 
     return router
+
+
+@hookimpl(tryfirst=True)
+def register_routes(app, engine) -> None:
+    """The built-in plugin "native": LightLLM's /generate and /generate_stream."""
+    app.include_router(native_routes(engine))

@@ -48,3 +48,23 @@ def test_cpu_pool_is_zero_and_takes_ram_only_where_written():
     del pool
     gc.collect()
     assert layer[:100].abs().sum() > 0 and layer[100:].abs().sum() == 0
+
+
+def test_int8_pool_holds_about_twice_the_bf16_slots():
+    import torch
+
+    from lightllm_plugin.engine.memory import QuantizedKVCache, allocate_kv_pool, kv_bytes_per_token
+
+    for layers, kv_heads, head_dim in [(32, 8, 128), (30, 3, 64), (1, 1, 64)]:
+        bf16 = kv_bytes_per_token(layers, kv_heads, head_dim, torch.bfloat16)
+        int8 = kv_bytes_per_token(layers, kv_heads, head_dim, torch.int8)
+        assert bf16 / int8 >= 1.9, (head_dim, bf16 / int8)
+        pool = allocate_kv_pool(layers, 100, kv_heads, head_dim, torch.int8, torch.device("cpu"))
+        assert isinstance(pool, QuantizedKVCache)
+        assert pool.values.dtype == torch.int8 and pool.shape == (layers, 101, 2 * kv_heads, head_dim)
+        assert pool.scales.shape == (layers, 101, 2 * kv_heads)
+        # the sizing and the allocation agree, the scratch slot aside
+        assert pool.nbytes() == 101 * int8
+        layer = pool[0]
+        assert layer.values.shape == (101, 2 * kv_heads, head_dim) and layer.scales.shape == (101, 2 * kv_heads)
+        assert torch.count_nonzero(pool.values) == 0 and torch.count_nonzero(pool.scales) == 0

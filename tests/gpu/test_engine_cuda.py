@@ -104,8 +104,8 @@ def _drive(engine, arrivals, max_steps=400):
     raise AssertionError("engine did not finish")
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_graph_decode_equals_eager_decode(model_dir, dtype):
+@pytest.mark.parametrize("dtype,kv_cache_dtype", [("float32", "auto"), ("bfloat16", "auto"), ("bfloat16", "int8")])
+def test_graph_decode_equals_eager_decode(model_dir, dtype, kv_cache_dtype):
     """Odd running batches (3, 5, 33) padded up to captured sizes, requests of different lengths
     joining mid-decode and finishing at different steps: the same tokens as eager steps."""
     from lightllm_plugin.engine.core import EngineCore
@@ -123,7 +123,7 @@ def test_graph_decode_equals_eager_decode(model_dir, dtype):
     for eager in (True, False):
         cfg = EngineConfig(model_dir=model_dir, device="cuda", data_type=dtype, max_total_token_num=16384,
                            max_req_total_len=1024, max_req_input_len=512, running_max_req_size=64,
-                           enforce_eager=eager)
+                           enforce_eager=eager, kv_cache_dtype=kv_cache_dtype)
         engine = EngineCore(cfg, progress=False, with_tokenizer=False)
         assert (engine.runner.decode_graphs is None) == eager
         results[eager] = _drive(engine, arrivals)

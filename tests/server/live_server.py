@@ -28,11 +28,12 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, *flags: str):
+    def __init__(self, *flags: str, env: dict[str, str] | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "lightllm_plugin.server", "--port", str(self.port), *BASE_FLAGS, *flags]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                                     env=None if env is None else {**os.environ, **env})
         self.lines: list[str] = []
         self._ready = threading.Event()
         threading.Thread(target=self._pump, daemon=True).start()
@@ -97,8 +98,8 @@ def launch_server():
     """Start servers with launch_server(*flags); teardown checks SIGTERM stops each cleanly."""
     started: list[ServerProcess] = []
 
-    def launch(*flags: str) -> ServerProcess:
-        server = ServerProcess(*flags)
+    def launch(*flags: str, env: dict[str, str] | None = None) -> ServerProcess:
+        server = ServerProcess(*flags, env=env)
         started.append(server)
         server.wait_ready()
         return server

@@ -1,0 +1,230 @@
+"""Plugins: pluggy hooks through which every adapter, built in or not, extends the server.
+
+A plugin is any object (usually a module) with functions marked ``@hookimpl`` whose names
+are the hooks below. It may take any subset of a hook's arguments, by name:
+
+    # my_plugin.py
+    from lightllm_plugin.plugins import hookimpl
+
+    @hookimpl
+    def register_routes(app, engine):
+        @app.get("/hello")
+        async def hello():
+            return {"hello": "world"}
+
+    # its pyproject.toml
+    [project.entry-points.lightllm_plugin]
+    my_plugin = "my_plugin"
+
+Loading. The built-in plugins (``BUILTIN_PLUGINS``: the native API, the OpenAI routes,
+the CLI commands, the model architectures) always load. Third-party plugins come from the
+``lightllm_plugin`` entry-point group; ``LIGHTLLM_PLUGINS=name1,name2`` loads only those
+(an empty value loads none). A plugin that fails to import, or whose hook raises, stops
+the command with an error naming it (``PluginError``), unless broken plugins are to be
+skipped (``--skip_broken_plugins`` or ``LIGHTLLM_PLUGINS_SKIP_BROKEN=1``): then a warning
+names it and everything else goes on without it.
+
+Hook order: pluggy's (the most recently registered first, ``tryfirst``/``trylast``
+honoured); the built-in hooks are ``tryfirst``, so their routes and commands come first
+and a third-party plugin cannot shadow them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pluggy
+
+PROJECT = "lightllm_plugin"
+ENTRY_POINT_GROUP = "lightllm_plugin"
+ENV_PLUGINS = "LIGHTLLM_PLUGINS"
+ENV_SKIP_BROKEN = "LIGHTLLM_PLUGINS_SKIP_BROKEN"
+SKIP_BROKEN_FLAG = "--skip_broken_plugins"
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+# name -> module; each module is a plugin (its @hookimpl functions)
+BUILTIN_PLUGINS = {
+    "cli": "lightllm_plugin.cli",
+    "models": "lightllm_plugin.models.registry",
+    "native": "lightllm_plugin.server.native",
+    "openai": "lightllm_plugin.adapters.openai",
+}
+
+
+class HookSpecs:
+    """The hooks a plugin may implement."""
+
+    @hookspec
+    def register_routes(self, app, engine, config) -> None:
+        """Add HTTP routes to the server's FastAPI ``app`` (called once, in the api process,
+        before the server listens).
+
+        ``engine`` is the server's ``AsyncEngineClient``: ``engine.generate(...)`` runs a
+        request through the pipeline. ``config`` is the server's ``EngineConfig`` (also
+        ``app.state.config``), with the model's resolved facts filled in. Routes are served
+        behind ``--api_key`` like the built-in ones."""
+
+    @hookspec
+    def register_cli(self, cli) -> None:
+        """Add subcommands to the ``lightllm-plugin`` command: ``cli.add_command(name, main,
+        help)``, where ``main(argv: list[str]) -> int`` parses its own flags (``argv`` is
+        what follows the command's name) and returns the exit code."""
+
+    @hookspec
+    def register_models(self, register) -> None:
+        """Declare model architectures: ``register(architecture, model_class)``, where
+        ``architecture`` is the name in a checkpoint's ``config.json`` ``architectures``
+        (e.g. ``"LlamaForCausalLM"``)."""
+
+
+class PluginError(RuntimeError):
+    """A plugin failed to load or its hook raised; the message names the plugin."""
+
+    def __init__(self, name: str, what: str, exc: BaseException):
+        super().__init__(f"plugin {name!r} {what}: {type(exc).__name__}: {exc}")
+        self.plugin = name
+
+
+@dataclass
+class PluginInfo:
+    name: str
+    source: str  # "builtin" or the distribution it came from
+    version: str
+    value: str  # the module (or object) it was loaded from
+    hooks: list[str] = field(default_factory=list)
+
+
+class PluginManager(pluggy.PluginManager):
+    """pluggy's manager, knowing where each plugin came from and which ones were skipped."""
+
+    def __init__(self, skip_broken: bool = False):
+        super().__init__(PROJECT)
+        self.add_hookspecs(HookSpecs)
+        self.skip_broken = skip_broken
+        self.infos: dict[str, PluginInfo] = {}
+        self.broken: dict[str, str] = {}  # name -> error, for plugins that were skipped
+
+    def add(self, plugin: Any, info: PluginInfo) -> None:
+        self.register(plugin, name=info.name)
+        info.hooks = sorted(c.name for c in self.get_hookcallers(plugin) or [])
+        self.infos[info.name] = info
+
+    def failed(self, error: PluginError) -> None:
+        if not self.skip_broken:
+            raise error
+        self.broken[error.plugin] = str(error)
+        print(f"lightllm-plugin: warning: {error}; skipped (broken plugins are skipped)", file=sys.stderr, flush=True)
+
+    def call_each(self, hook: str, _before: Callable[[str], None] | None = None, **kwargs: Any) -> None:
+        """Call every implementation of ``hook``, in pluggy's order; one that raises is
+        reported by name (and skipped, and unregistered, when broken plugins are skipped)."""
+        for impl in reversed(getattr(self.hook, hook).get_hookimpls()):
+            if _before is not None:
+                _before(impl.plugin_name)
+            try:
+                impl.function(*[kwargs[arg] for arg in impl.argnames])
+            except Exception as exc:
+                self.failed(PluginError(impl.plugin_name, f"failed in {hook}", exc))
+                self.unregister(name=impl.plugin_name)
+                self.infos.pop(impl.plugin_name, None)
+
+
+def skip_broken_requested(argv: list[str] | None = None) -> bool:
+    if argv is not None and SKIP_BROKEN_FLAG in argv:
+        return True
+    return os.environ.get(ENV_SKIP_BROKEN, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def allowed_plugins() -> set[str] | None:
+    """The third-party plugins LIGHTLLM_PLUGINS allows; None: all of them."""
+    value = os.environ.get(ENV_PLUGINS)
+    if value is None:
+        return None
+    return {name.strip() for name in value.split(",") if name.strip()}
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("lightllm-plugin")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def load_plugins(skip_broken: bool | None = None) -> PluginManager:
+    """A manager with the built-in plugins and the third-party ones allowed to load."""
+    pm = PluginManager(skip_broken=skip_broken_requested() if skip_broken is None else skip_broken)
+    own_version = _version()
+    for name, module in BUILTIN_PLUGINS.items():
+        pm.add(importlib.import_module(module), PluginInfo(name, "builtin", own_version, module))
+    allowed = allowed_plugins()
+    seen: set[str] = set()
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name in seen or (allowed is not None and ep.name not in allowed):
+            continue
+        seen.add(ep.name)
+        dist = getattr(ep, "dist", None)
+        source = dist.metadata["Name"] if dist is not None else "unknown"
+        version = dist.version if dist is not None else "unknown"
+        try:
+            if ep.name in pm.infos:
+                raise ValueError(f"the name is taken by the {pm.infos[ep.name].source} plugin of that name")
+            pm.add(ep.load(), PluginInfo(ep.name, source, version, ep.value))
+        except Exception as exc:
+            pm.failed(PluginError(ep.name, f"(entry point {ep.value!r} of {source} {version}) failed to load", exc))
+    missing = (allowed or set()) - seen
+    for name in sorted(missing):
+        print(f"lightllm-plugin: warning: {ENV_PLUGINS} names {name!r}, which no installed package provides",
+              file=sys.stderr, flush=True)
+    return pm
+
+
+# ---- what the hooks produce -------------------------------------------------------------
+@dataclass
+class Command:
+    name: str
+    main: Callable[[list[str]], int]
+    help: str
+    plugin: str
+
+
+class CommandRegistry:
+    """What ``register_cli`` receives."""
+
+    def __init__(self):
+        self.commands: dict[str, Command] = {}
+        self.plugin = "?"  # set by collect_commands while each plugin's hook runs
+
+    def add_command(self, name: str, main: Callable[[list[str]], int], help: str = "") -> None:
+        if name in self.commands:
+            raise ValueError(f"command {name!r} is already provided by plugin {self.commands[name].plugin!r}")
+        self.commands[name] = Command(name, main, help, self.plugin)
+
+
+def collect_commands(pm: PluginManager) -> dict[str, Command]:
+    registry = CommandRegistry()
+    pm.call_each("register_cli", lambda name: setattr(registry, "plugin", name), cli=registry)
+    return registry.commands
+
+
+class ModelRegistry:
+    """What ``register_models`` fills: architecture name -> model class."""
+
+    def __init__(self):
+        self.architectures: dict[str, Any] = {}
+
+    def __call__(self, architecture: str, model_class: Any) -> None:
+        self.architectures.setdefault(architecture, model_class)
+
+
+def collect_models(pm: PluginManager) -> dict[str, Any]:
+    registry = ModelRegistry()
+    pm.call_each("register_models", register=registry)
+    return registry.architectures

@@ -1,0 +1,148 @@
+"""Tools through the SDK, with a tiny random-weight Qwen2 model whose chat template takes
+them (structure only: random weights say nothing sensible), and the API key. The key comes
+from LIGHTLLM_API_KEY here; tests/server/test_cli.py covers the --api-key flag."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import httpx
+import openai
+import pytest
+
+KEY = "sk-test-4f1c"
+NAME = "tiny-qwen-tools"
+# a Hermes/Qwen-style template: the tools go into the system turn, calls are <tool_call> JSON
+TEMPLATE = """\
+{%- if tools %}<|im_start|>system
+You may call these functions:
+<tools>
+{%- for tool in tools %}
+{{ tool | tojson }}
+{%- endfor %}
+</tools>
+Call one as <tool_call>{"name": ..., "arguments": ...}</tool_call><|im_end|>
+{% endif %}
+{%- for message in messages %}
+{%- if message.role == "assistant" and message.tool_calls %}<|im_start|>assistant
+{%- for call in message.tool_calls %}
+<tool_call>{"name": "{{ call.function.name }}", "arguments": {{ call.function.arguments | tojson }}}</tool_call>
+{%- endfor %}<|im_end|>
+{% elif message.role == "tool" %}<|im_start|>user
+<tool_response>{{ message.content }}</tool_response><|im_end|>
+{% else %}<|im_start|>{{ message.role }}
+{{ message.content }}<|im_end|>
+{% endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}<|im_start|>assistant
+{% endif %}"""
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> str:
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from lightllm_plugin.models.tokenizer import load_tokenizer
+
+    folder = tmp_path_factory.mktemp("models") / "tiny-qwen2"
+    tokenizer = load_tokenizer(None)
+    tokenizer.chat_template = TEMPLATE
+    tokenizer.save_pretrained(folder)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(config).to(torch.float32).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def server(launch_server, tiny_model):
+    old = os.environ.get("LIGHTLLM_API_KEY")
+    os.environ["LIGHTLLM_API_KEY"] = KEY
+    try:
+        return launch_server("--model_dir", tiny_model, "--served-model-name", NAME)
+    finally:
+        if old is None:
+            del os.environ["LIGHTLLM_API_KEY"]
+        else:
+            os.environ["LIGHTLLM_API_KEY"] = old
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=120) as c:
+        yield c
+
+
+def test_a_wrong_or_missing_key_is_refused_and_probes_stay_open(server):
+    for key in ("sk-wrong", KEY + "x", KEY[:-1]):
+        with openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0, timeout=30) as bad:
+            with pytest.raises(openai.AuthenticationError) as info:
+                bad.models.list()
+            assert info.value.code == "invalid_api_key"
+    missing = httpx.get(server.url + "/v1/models", timeout=30)
+    assert missing.status_code == 401 and missing.json()["error"]["type"] == "invalid_request_error"
+    assert httpx.post(server.url + "/generate", json={"inputs": "hi"}, timeout=30).status_code == 401
+    for path in ("/health", "/healthz", "/metrics"):
+        assert httpx.get(server.url + path, timeout=30).status_code == 200
+
+
+def test_the_served_model_name_is_the_one_given(client):
+    assert [m.id for m in client.models.list().data] == [NAME]
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="tiny-qwen2", messages=ASK, max_tokens=2)
+
+
+def test_tools_reach_the_template_and_the_answer_has_the_chat_shape(client):
+    plain = client.chat.completions.create(model=NAME, messages=ASK, max_tokens=6, temperature=0)
+    with_tools = client.chat.completions.create(
+        model=NAME, messages=ASK, tools=[WEATHER], tool_choice="auto", max_tokens=6, temperature=0,
+        extra_body={"ignore_eos": True},
+    )
+    # the template rendered the tool's JSON schema into the prompt
+    assert with_tools.usage.prompt_tokens > plain.usage.prompt_tokens + len(json.dumps(WEATHER)) // 8
+    assert with_tools.usage.completion_tokens == 6
+    (choice,) = with_tools.choices
+    assert choice.message.role == "assistant" and choice.finish_reason == "length"
+    assert choice.message.tool_calls is None and isinstance(choice.message.content, str)
+    # tool_choice none: the template is not given the tools
+    none = client.chat.completions.create(model=NAME, messages=ASK, tools=[WEATHER], tool_choice="none", max_tokens=2)
+    assert none.usage.prompt_tokens == plain.usage.prompt_tokens
+
+
+def test_streaming_with_tools_gives_what_the_whole_answer_gives(client):
+    kwargs = dict(model=NAME, messages=ASK, tools=[WEATHER], max_tokens=8, temperature=0, extra_body={"ignore_eos": True})
+    whole = client.chat.completions.create(**kwargs)
+    chunks = list(client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
+    assert chunks[-1].usage == whole.usage
+
+
+def test_a_conversation_with_a_tool_call_and_its_result_renders(client):
+    messages = ASK + [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+        ]},
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"temp_c": 21}'},
+    ]
+    r = client.chat.completions.create(model=NAME, messages=messages, tools=[WEATHER], max_tokens=3)
+    assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=NAME, messages=ASK, tools=[{"type": "function"}], max_tokens=2)
+    assert info.value.param == "tools"
