@@ -31,4 +31,4 @@ for part in $parts; do
     esac
 done
 echo "=== summary"
-grep -h -E '^(command|device|ceilings|engine|server|offline|overflow|profiled slots|int8 KV greedy|\||HF /|[0-9]+ passed|FAILED|SKIPPED|bf16 relative|prompts where|batch-1 graph)' "$OUT"/*.log
+grep -h -E '^(command|device|ceilings|engine|server|offline|overflow|profiled slots|int8 KV greedy|float32: int8|bfloat16: int8|float32 logit gap|\||HF /|[0-9]+ passed|FAILED|SKIPPED|bf16 relative|prompts where|batch-1 graph)' "$OUT"/*.log

@@ -310,8 +310,12 @@ def test_llama3_8b_shape_logits_match_hf_in_bf16():
     print("bf16 relative logit error against HF float32, per position (prefill, eager, graph, ...): ours",
           [round(e, 4) for e in ours_err], "HF bf16", [round(e, 4) for e in hf_err])
     assert max(ours_err) <= 1.25 * max(hf_err) + 0.01, (ours_err, hf_err)
-    # random weights give nearly flat logits, so even HF's bf16 argmax parts from float32 at times
-    ours_agree = sum(int(o.argmax()) == int(r.argmax()) for o, r in zip(ours, ref))
-    hf_agree = sum(int(o.argmax()) == int(r.argmax()) for o, r in zip(ref_bf16, ref))
-    print(f"argmax equal to float32's at {ours_agree}/{len(ref)} positions (HF bf16: {hf_agree})")
-    assert ours_agree >= hf_agree - 1, (ours_agree, hf_agree)
+    # Random weights give nearly flat logits, so counting argmax agreement is a coin toss (HF's
+    # own bf16 parts from float32 at some positions, at others not). What must hold: where our
+    # argmax differs, float32 rates our token within twice HF bf16's own largest logit error of
+    # its best one (the bound if our error is no larger than HF's: each of the two logits moved).
+    for o, r, hb in zip(ours, ref, ref_bf16):
+        noise = (hb - r).abs().max().item()
+        gap = (r.max() - r[int(o.argmax())]).item()
+        print(f"float32 logit gap of our argmax {gap:.4f}, HF bf16's largest logit error {noise:.4f}")
+        assert gap <= 2 * noise, (gap, noise)

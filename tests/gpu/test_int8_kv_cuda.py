@@ -74,9 +74,12 @@ def _perplexity(llm, ids):
 
 
 @pytest.mark.skipif(_cached_default_model() is None, reason="the default model is not in the cache (no network here)")
-def test_default_model_int8_kv_against_bf16_kv_on_gpu():
-    """bf16 weights either way: the first 16 greedy tokens of 8 chats with int8 KV equal those with
-    bf16 KV on at least 6, and the perplexity of tests/data's 2,000 tokens rises by under 2%."""
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_default_model_int8_kv_against_full_precision_kv_on_gpu(dtype):
+    """Through the Triton kernels and CUDA graphs: the perplexity of tests/data's 2,000 tokens
+    rises by under 2% with int8 KV. In float32 the first 16 greedy tokens of 8 chats also equal
+    those of float32 KV on at least 6 (in bf16 the KV dtype is not the only noise: bf16 greedy
+    tokens part from float32's at near-ties by themselves, see test_engine_cuda)."""
     from lightllm_plugin import LLM, SamplingParams
 
     params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
@@ -84,8 +87,8 @@ def test_default_model_int8_kv_against_bf16_kv_on_gpu():
         text = fh.read()
     tokens, ppl = {}, {}
     for kv in ("auto", "int8"):
-        llm = LLM(_cached_default_model(), device="cuda", kv_cache_dtype=kv, max_total_token_num=8192,
-                  max_req_total_len=2048, max_req_input_len=512, progress=False)
+        llm = LLM(_cached_default_model(), device="cuda", data_type=dtype, kv_cache_dtype=kv,
+                  max_total_token_num=8192, max_req_total_len=2048, max_req_input_len=512, progress=False)
         answers = llm.chat([[{"role": "user", "content": c}] for c in CHATS], params, use_tqdm=False)
         tokens[kv] = [a.outputs[0].token_ids for a in answers]
         if kv == "int8":
@@ -97,8 +100,9 @@ def test_default_model_int8_kv_against_bf16_kv_on_gpu():
         del llm
         _free_cuda()
     same = [a == b for a, b in zip(tokens["auto"], tokens["int8"])]
-    print(f"int8 KV greedy equal to bf16 KV over 16 tokens: {same}; perplexity bf16 KV {ppl['auto']:.4f}, "
-          f"int8 KV {ppl['int8']:.4f} ({100 * (ppl['int8'] / ppl['auto'] - 1):+.2f}%)")
-    assert sum(same) >= 6
+    print(f"{dtype}: int8 KV greedy equal to {dtype} KV over 16 tokens: {same}; perplexity {dtype} KV "
+          f"{ppl['auto']:.4f}, int8 KV {ppl['int8']:.4f} ({100 * (ppl['int8'] / ppl['auto'] - 1):+.2f}%)")
     assert ppl["auto"] < 30
     assert ppl["int8"] < 1.02 * ppl["auto"]
+    if dtype == "float32":
+        assert sum(same) >= 6
