@@ -39,8 +39,9 @@ HELP = {
     "enforce_eager": "run every decode step eagerly instead of replaying CUDA graphs (CUDA only)",
     "host": "address to listen on",
     "port": "port to listen on",
-    "tp": "tensor parallel degree (only 1 for now)",
-    "nccl_port": "accepted for LightLLM compatibility; unused while tp=1",
+    "tp": "tensor parallel degree: the model is split over this many ranks, one process each "
+    "(GPUs 0..N-1 with NCCL, or CPU processes with gloo)",
+    "nccl_port": "port on 127.0.0.1 where the tensor-parallel ranks meet (used when --tp > 1)",
     "tokenizer_workers": "number of tokenizer processes",
     "served_model_name": "the model's name as reported to clients (default: the model folder's or file's name)",
     "api_key": "require `Authorization: Bearer KEY` on every route but /health and /metrics "
@@ -52,8 +53,8 @@ API_KEY_ENV = "LIGHTLLM_API_KEY"
 
 # fields only the HTTP server uses
 SERVER_FIELDS = {"host", "port", "nccl_port", "tokenizer_workers", "served_model_name", "api_key"}
-# fields that exist for LightLLM's command line but change nothing here
-NO_EFFECT_FIELDS = {"nccl_port": "tp=1 runs without NCCL"}
+# fields whose flag takes any text: LazyLLM writes "--nccl_port=None" when it has no port to give
+TEXT_OR_NONE_FIELDS = {"nccl_port"}
 # LightLLM flags with no counterpart here: (name, takes a value)
 LIGHTLLM_ONLY_FLAGS = [
     ("mode", True),
@@ -96,9 +97,8 @@ def add_engine_flags(parser: argparse.ArgumentParser, include_server: bool = Tru
         elif typing.get_origin(tp) is list:
             (item,) = typing.get_args(tp)
             group.add_argument(*flags, nargs="+", type=item, default=default, help=help_text)
-        elif f.name in NO_EFFECT_FIELDS:
-            # any text: LazyLLM writes "--nccl_port=None" when it has no port to give
-            group.add_argument(*flags, type=str, default=None, help=help_text)
+        elif f.name in TEXT_OR_NONE_FIELDS:
+            group.add_argument(*flags, type=str, default=None, help=f"{help_text} (default: {default})")
         else:
             shown = help_text if "default" in help_text else f"{help_text} (default: {default})"
             group.add_argument(*flags, type=tp, default=default, help=shown)
@@ -151,10 +151,12 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         if not f.init or not hasattr(args, f.name):
             continue
         value = getattr(args, f.name)
-        if f.name in NO_EFFECT_FIELDS:
-            if value is not None:
-                _warn(f"--{f.name} has no effect here ({NO_EFFECT_FIELDS[f.name]}); ignored")
-            continue
+        if f.name in TEXT_OR_NONE_FIELDS:
+            if value is None or value.strip().lower() in ("", "none"):
+                continue
+            if not value.strip().isdigit():
+                parser.error(f"--{f.name} must be a port number, got {value!r}")
+            value = int(value)
         values[f.name] = value
     values.update(from_modes)
     if "api_key" in values and values["api_key"] is None:

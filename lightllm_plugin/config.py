@@ -87,8 +87,10 @@ class EngineConfig:
             raise ConfigError("running_max_req_size must be >= 1")
         if self.long_truncation_mode not in _TRUNCATION_MODES:
             raise ConfigError(f"long_truncation_mode must be head or tail, got {self.long_truncation_mode!r}")
-        if self.tp != 1:
-            raise ConfigError("tp > 1 is not supported yet (tensor parallelism is a later issue)")
+        if self.tp < 1:
+            raise ConfigError(f"tp must be >= 1, got {self.tp}")
+        if not 0 < self.nccl_port < 65536:
+            raise ConfigError(f"nccl_port must be a port number, got {self.nccl_port}")
         if self.eos_id is not None and isinstance(self.eos_id, int):
             self.eos_id = [self.eos_id]
 

@@ -58,8 +58,34 @@ class LLM:
         elif model is not None or overrides:
             config = config.replace(**({"model_dir": model} if model is not None else {}), **overrides)
         self.config = config
-        self.engine = EngineCore(config, progress=progress)
+        self._ranks = None  # tp > 1: the processes of ranks 1..tp-1
+        if config.tp > 1:
+            from lightllm_plugin.engine.tp_worker import OfflineRanks, join_as_rank_zero
+
+            self._ranks = OfflineRanks(config)
+            try:
+                group, sender = join_as_rank_zero(config, self._ranks.run_dir)
+                self.engine = EngineCore(config, progress=progress, tp_group=group, plan_sender=sender)
+            except BaseException:
+                self._ranks.close()
+                raise
+        else:
+            self.engine = EngineCore(config, progress=progress)
         self.tokenizer = self.engine.tokenizer
+
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks (tp > 1); nothing to do otherwise."""
+        if self._ranks is not None:
+            self._ranks.close()
+            self._ranks = None
+            self.engine.runner.tp_group.close()
+            self.engine.runner.plan_sender.close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def get_tokenizer(self):
         return self.tokenizer

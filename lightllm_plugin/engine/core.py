@@ -18,6 +18,8 @@ from lightllm_plugin.engine.outputs import TokenEvent
 from lightllm_plugin.engine.runner import ModelRunner, StepEntry
 from lightllm_plugin.engine.sampling import PendingSample, SamplerRow, has_penalty
 from lightllm_plugin.engine.scheduler import Scheduler, SchedRequest
+from lightllm_plugin.engine.step_plan import PlanSender
+from lightllm_plugin.engine.tensor_parallel import TPGroup
 from lightllm_plugin.models.loader import InMemoryCheckpoint
 from lightllm_plugin.sampling_params import SamplingParams
 
@@ -50,6 +52,8 @@ class EngineCore:
         progress: bool = True,
         with_tokenizer: bool = True,
         checkpoint: InMemoryCheckpoint | None = None,  # weights in memory instead of config.model_dir
+        tp_group: TPGroup | None = None,  # config.tp > 1: rank 0's group, and the other ranks' plan sockets
+        plan_sender: PlanSender | None = None,
     ):
         from lightllm_plugin.models.tokenizer import load_tokenizer, resolve_model_path
 
@@ -62,7 +66,8 @@ class EngineCore:
             kind, path = resolve_model_path(config.model_dir)
         config.resolved_model_path = path
         # the model first: an unsupported architecture is reported before any tokenizer work
-        self.runner = ModelRunner(config, kind, path, progress=progress, checkpoint=checkpoint)
+        self.runner = ModelRunner(config, kind, path, progress=progress, checkpoint=checkpoint, tp_group=tp_group,
+                                  plan_sender=plan_sender)
         self.tokenizer = (
             load_tokenizer(path, config.tokenizer_mode, config.trust_remote_code) if with_tokenizer else None
         )

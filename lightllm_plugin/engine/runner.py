@@ -1,5 +1,9 @@
 """ModelRunner: one model worker. Owns the GPU-side state (model, KV pool, req_to_token)
-and turns a step plan from the core into one forward pass plus sampling."""
+and turns a step plan from the core into one forward pass plus sampling.
+
+Under tensor parallelism each rank has a runner over its part of the model. Rank 0's runner
+(in the router) sends every forward's packed step to the other ranks before running it;
+theirs run the same forward from that plan (`run_plan`), and only rank 0 samples."""
 
 from __future__ import annotations
 
@@ -13,6 +17,8 @@ from lightllm_plugin.engine.cuda_graphs import DecodeGraphs
 from lightllm_plugin.engine.memory import QuantizedKVCache, allocate_kv_pool, kv_bytes_per_token, profiled_slot_count
 from lightllm_plugin.engine.req_table import ReqTable
 from lightllm_plugin.engine.sampling import PendingSample, SampleResult, SamplerRow, launch_sample
+from lightllm_plugin.engine.step_plan import PlanSender, StepPlan
+from lightllm_plugin.engine.tensor_parallel import TPGroup
 from lightllm_plugin.models.llama import AttentionMetadata
 from lightllm_plugin.models.loader import InMemoryCheckpoint, load_checkpoint, load_model
 
@@ -70,19 +76,24 @@ class ModelRunner:
         model_path: str,
         progress: bool = True,
         checkpoint: InMemoryCheckpoint | None = None,
+        tp_group: TPGroup | None = None,  # this rank's tensor-parallel group (config.tp > 1)
+        plan_sender: PlanSender | None = None,  # rank 0 only: where the other ranks' plans go
     ):
         self.config = config
+        self.tp_group = tp_group
+        self.plan_sender = plan_sender
         self.device, self.dtype = resolve_device_and_dtype(config)
         # what the KV pool stores: the model dtype, or int8 values with float16 scales
         self.kv_dtype = torch.int8 if config.kv_cache_dtype == "int8" else self.dtype
         config.resolved_device, config.resolved_dtype = self.device.type, str(self.dtype).removeprefix("torch.")
         if checkpoint is not None:
             self.model, self.model_cfg = load_checkpoint(
-                checkpoint, self.dtype, self.device, config.max_req_total_len, progress=progress
+                checkpoint, self.dtype, self.device, config.max_req_total_len, progress=progress, tp=tp_group
             )
         else:
             self.model, self.model_cfg = load_model(
-                model_kind, model_path, self.dtype, self.device, config.max_req_total_len, progress=progress
+                model_kind, model_path, self.dtype, self.device, config.max_req_total_len, progress=progress,
+                tp=tp_group,
             )
         self._clamp_lengths_to_model()
         self.req_table = ReqTable(config.running_max_req_size, config.max_req_total_len, self.device)
@@ -121,8 +132,13 @@ class ModelRunner:
             else:
                 cap = _CPU_POOL_REQUESTS * self.config.max_req_total_len
             slots = profiled_slot_count(self.device, self.config.mem_fraction, per_token, cap)
+        if self.tp_group is not None:
+            # every rank must hold every slot the router hands out: the smallest pool wins
+            slots = self.tp_group.min_int(slots)
         self.kv_pool = allocate_kv_pool(cfg.num_layers, slots, cfg.num_kv_heads, cfg.head_dim, self.kv_dtype, self.device)
-        if self.device.type == "cuda" and not self.config.enforce_eager:
+        # Under tensor parallelism decode runs eagerly: a graph replay would have to be
+        # mirrored on every rank, and chained steps take input ids only rank 0 has.
+        if self.device.type == "cuda" and not self.config.enforce_eager and self.tp_group is None:
             self.decode_graphs = DecodeGraphs(
                 self.model, self.kv_pool, self.req_table.req_to_token, self.req_table.scratch_row,
                 self.config.running_max_req_size,
@@ -138,7 +154,8 @@ class ModelRunner:
         row = self.req_table.alloc_row()
         try:
             entry_slots = list(range(num_tokens))
-            self._forward([StepEntry(row, [0] * num_tokens, 0, entry_slots, None)], pool)
+            # every rank warms up the same way, so no plan is sent
+            self._forward([StepEntry(row, [0] * num_tokens, 0, entry_slots, None)], pool, send_plan=False)
         finally:
             self.req_table.free_row(row)
             del pool
@@ -155,10 +172,26 @@ class ModelRunner:
 
     # ---- one step ----------------------------------------------------------------------
     def _forward(
-        self, entries: list[StepEntry], kv_pool: torch.Tensor | QuantizedKVCache, all_logits: bool = False
+        self,
+        entries: list[StepEntry],
+        kv_pool: torch.Tensor | QuantizedKVCache,
+        all_logits: bool = False,
+        send_plan: bool = True,
     ) -> torch.Tensor:
         """Logits of each entry's last token [B, V], or with all_logits of every new token [T, V]."""
-        table = self.req_table.req_to_token
+        plan = self._pack(entries, all_logits)
+        if send_plan and self.plan_sender is not None:
+            self.plan_sender.send(plan)
+        return self._run_packed(plan, kv_pool)
+
+    @torch.inference_mode()
+    def run_plan(self, plan: StepPlan) -> None:
+        """A rank other than 0: the forward rank 0 announced (its logits are rank 0's business)."""
+        self._run_packed(plan, self.kv_pool)
+
+    def _pack(self, entries: list[StepEntry], all_logits: bool) -> StepPlan:
+        """The whole step in one int64 host buffer, so it moves in one copy (and to the other
+        tensor-parallel ranks in one message)."""
         input_ids, positions, slots, token_rows = [], [], [], []
         b_req_idx, b_seq_len, b_q_start, b_q_len, last_index = [], [], [], [], []
         for e in entries:
@@ -172,15 +205,18 @@ class ModelRunner:
             b_seq_len.append(e.start_pos + n)
             b_q_len.append(n)
             last_index.append(len(input_ids) - 1)
-        t, b = len(input_ids), len(entries)
         fields = [input_ids, positions, slots, token_rows, b_req_idx, b_seq_len, b_q_start, b_q_len, last_index]
-        # the whole step in one host buffer and one copy (pinned and non-blocking on CUDA)
         packed = torch.tensor([v for f in fields for v in f], dtype=torch.long, pin_memory=self.device.type == "cuda")
-        packed = packed.to(self.device, non_blocking=True)
+        return StepPlan(packed, len(input_ids), len(entries), all_logits)
+
+    def _run_packed(self, plan: StepPlan, kv_pool: torch.Tensor | QuantizedKVCache) -> torch.Tensor:
+        table = self.req_table.req_to_token
+        t, b = plan.num_tokens, plan.num_requests
+        packed = plan.packed.to(self.device, non_blocking=True)  # pinned on CUDA
         ids, pos, out_slots, rows, req_idx, seq_len, q_start, q_len, last = packed.split([t, t, t, t, b, b, b, b, b])
         table[rows, pos] = out_slots.to(table.dtype)
         meta = AttentionMetadata(table, req_idx, seq_len, q_start, q_len, out_slots)
-        return self.model(ids, pos, kv_pool, meta, None if all_logits else last)
+        return self.model(ids, pos, kv_pool, meta, None if plan.all_logits else last)
 
     @torch.inference_mode()
     def teacher_forced_logprobs(self, token_ids: list[int], slots: list[int], chunk: int = 512) -> torch.Tensor:

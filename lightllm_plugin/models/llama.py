@@ -59,16 +59,25 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     return torch.where(medium, blended, scaled).float()
 
 
+class Projection(nn.Linear):
+    """A linear layer computed by one_row_linear: at batch-1 decode cuBLAS reads some weight
+    shapes below the copy rate. A module rather than a bare weight, so a loader can swap in
+    another kind (tensor parallelism's row-parallel projection) without touching this file."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return one_row_linear(x, self.weight, self.bias)
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype):
         super().__init__()
         self.cfg = cfg
         q_size = cfg.num_heads * cfg.head_dim
         kv_size = cfg.num_kv_heads * cfg.head_dim
-        self.qkv_proj = nn.Linear(cfg.hidden_size, q_size + 2 * kv_size, bias=cfg.qkv_bias, dtype=dtype)
-        self.o_proj = nn.Linear(q_size, cfg.hidden_size, bias=cfg.o_bias, dtype=dtype)
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False, dtype=dtype)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False, dtype=dtype)
+        self.qkv_proj = Projection(cfg.hidden_size, q_size + 2 * kv_size, bias=cfg.qkv_bias, dtype=dtype)
+        self.o_proj = Projection(q_size, cfg.hidden_size, bias=cfg.o_bias, dtype=dtype)
+        self.gate_up_proj = Projection(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False, dtype=dtype)
+        self.down_proj = Projection(cfg.intermediate_size, cfg.hidden_size, bias=False, dtype=dtype)
         self.input_layernorm = nn.Parameter(torch.empty(cfg.hidden_size, dtype=dtype), requires_grad=False)
         self.post_attention_layernorm = nn.Parameter(torch.empty(cfg.hidden_size, dtype=dtype), requires_grad=False)
         if cfg.qk_norm:
@@ -88,8 +97,7 @@ class DecoderLayer(nn.Module):
         cfg = self.cfg
         eps = cfg.rms_norm_eps
         x, residual = rmsnorm(hidden, self.input_layernorm, eps, residual)
-        # one_row_linear: at batch-1 decode cuBLAS reads some of these shapes below the copy rate
-        qkv = one_row_linear(x, self.qkv_proj.weight, self.qkv_proj.bias)
+        qkv = self.qkv_proj(x)
         q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         q = qkv[:, :q_size].reshape(-1, cfg.num_heads, cfg.head_dim)  # [T, H, D]
         k = qkv[:, q_size : q_size + kv_size].reshape(-1, cfg.num_kv_heads, cfg.head_dim)
@@ -109,10 +117,9 @@ class DecoderLayer(nn.Module):
             q, kv_layer, meta.req_to_token, meta.b_req_idx, meta.b_seq_len, meta.b_q_start, meta.b_q_len, self.scale,
             kv_scale,
         )
-        hidden = one_row_linear(attn.reshape(-1, q_size), self.o_proj.weight, self.o_proj.bias)
+        hidden = self.o_proj(attn.reshape(-1, q_size))
         x, residual = rmsnorm(hidden, self.post_attention_layernorm, eps, residual)
-        gate_up = one_row_linear(x, self.gate_up_proj.weight)
-        hidden = one_row_linear(silu_and_mul(gate_up), self.down_proj.weight)
+        hidden = self.down_proj(silu_and_mul(self.gate_up_proj(x)))
         return hidden, residual
 
 

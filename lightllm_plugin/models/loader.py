@@ -17,6 +17,13 @@ from glob import glob
 import torch
 from tqdm import tqdm
 
+from lightllm_plugin.engine.tensor_parallel import (
+    TPGroup,
+    install_parallel_modules,
+    plan_shard,
+    shard_model_config,
+    shard_tensors,
+)
 from lightllm_plugin.models.llama import LlamaFamilyModel
 from lightllm_plugin.models.model_config import ModelConfig
 
@@ -143,16 +150,28 @@ def build_model(
     max_positions: int,
     total: int | None = None,
     progress: bool = True,
-) -> LlamaFamilyModel:
+    tp: TPGroup | None = None,
+) -> tuple[LlamaFamilyModel, ModelConfig]:
+    """The model filled from `tensors`, and its ModelConfig. With `tp`, this rank's part of it:
+    its share of heads and MLP columns (the returned config), cut from the tensors as they stream."""
+    local_cfg = model_cfg
+    if tp is not None:
+        shard = plan_shard(model_cfg, tp.rank, tp.world)
+        local_cfg = shard_model_config(model_cfg, shard)
+        tensors = shard_tensors(tensors, model_cfg, shard)
     with torch.device("meta"):
-        model = LlamaFamilyModel(model_cfg, dtype)
+        model = LlamaFamilyModel(local_cfg, dtype)
+    if tp is not None:
+        install_parallel_modules(model, model_cfg, shard, tp, dtype)
     load_weights(model, tensors, device, total=total, progress=progress)
     model.build_rope_cache(device, max_positions)
-    return model.eval()
+    return model.eval(), local_cfg
 
 
-def load_model(kind: str, path: str, dtype: torch.dtype, device: torch.device, max_positions: int, progress=True):
-    """Returns (model, ModelConfig) for an HF folder (kind "hf") or a GGUF file (kind "gguf")."""
+def load_model(kind: str, path: str, dtype: torch.dtype, device: torch.device, max_positions: int, progress=True,
+               tp: TPGroup | None = None):
+    """Returns (model, ModelConfig) for an HF folder (kind "hf") or a GGUF file (kind "gguf");
+    with `tp`, this rank's part and its config."""
     if kind == "hf":
         model_cfg = ModelConfig.from_hf_dict(read_hf_config(path))
         tensors = iter_safetensors(path, dtype)
@@ -163,9 +182,7 @@ def load_model(kind: str, path: str, dtype: torch.dtype, device: torch.device, m
         model_cfg = ModelConfig.from_hf_dict(gguf_model_config(path))
         tensors = iter_gguf_tensors(path, dtype=dtype)
         total = gguf_tensor_count(path)
-    positions = max(max_positions, 1)
-    model = build_model(model_cfg, tensors, dtype, device, positions, total=total, progress=progress)
-    return model, model_cfg
+    return build_model(model_cfg, tensors, dtype, device, max(max_positions, 1), total=total, progress=progress, tp=tp)
 
 
 @dataclass
@@ -179,9 +196,9 @@ class InMemoryCheckpoint:
 
 
 def load_checkpoint(
-    checkpoint: InMemoryCheckpoint, dtype: torch.dtype, device: torch.device, max_positions: int, progress=True
+    checkpoint: InMemoryCheckpoint, dtype: torch.dtype, device: torch.device, max_positions: int, progress=True,
+    tp: TPGroup | None = None,
 ):
     model_cfg = ModelConfig.from_hf_dict(checkpoint.hf_config)
     tensors = ((name, t.to(dtype)) for name, t in checkpoint.tensors)
-    model = build_model(model_cfg, tensors, dtype, device, max(max_positions, 1), progress=progress)
-    return model, model_cfg
+    return build_model(model_cfg, tensors, dtype, device, max(max_positions, 1), progress=progress, tp=tp)

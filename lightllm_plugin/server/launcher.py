@@ -1,7 +1,7 @@
 """Starts, watches and stops the server's processes.
 
-The launcher process runs the HTTP api; the tokenizer(s), router and detokenizer are
-spawned children. Uvicorn starts only after every child reported ready, so its
+The launcher process runs the HTTP api; the tokenizer(s), router and detokenizer (and with
+--tp N the tensor-parallel ranks 1..N-1; the router is rank 0) are spawned children. Uvicorn starts only after every child reported ready, so its
 "Uvicorn running on http://HOST:PORT" line means the model can answer. If a child dies,
 the server says which and exits non-zero; on SIGINT/SIGTERM it stops every child. Either
 way the private run directory holding the sockets is removed.
@@ -29,6 +29,7 @@ from lightllm_plugin.server.detokenizer import run_detokenizer
 from lightllm_plugin.server.protocol import Addresses, ControlInbox, Limits, Ready, decoder_for, encoder
 from lightllm_plugin.server.router import run_router
 from lightllm_plugin.server.tokenizer import run_tokenizer
+from lightllm_plugin.server.tp_rank import run_tp_rank, tp_rank_role
 
 CHILD_STOP_TIMEOUT_S = 5.0
 # after a child died: the most time the orderly shutdown may take before a hard exit
@@ -88,6 +89,7 @@ class Pipeline:
             pipes = [self._mp.Pipe(duplex=False) for _ in range(workers)]
             self._spawn(
                 [("router", run_router, ()), ("detokenizer", run_detokenizer, ())]
+                + [(tp_rank_role(rank), run_tp_rank, (rank,)) for rank in range(1, self.config.tp)]
                 + [(f"tokenizer{i}", run_tokenizer, (reader, i)) for i, (reader, _) in enumerate(pipes)]
             )
             ready = self._wait_ready(control, {"router", "detokenizer"})["router"]

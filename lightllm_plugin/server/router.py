@@ -150,7 +150,14 @@ def run_router(config: EngineConfig, addresses: Addresses, parent_pid: int) -> N
         control = child_process.open_socket(ctx, zmq.PUSH, addresses.control, bind=False)
 
         # with its tokenizer, as the offline LLM does: the tokenizer's eos id joins the stop ids
-        core = EngineCore(config, progress=True)
+        if config.tp > 1:
+            from lightllm_plugin.engine.tp_worker import join_as_rank_zero
+
+            # rank 0 of the tensor-parallel group: waits here until every other rank has joined
+            group, sender = join_as_rank_zero(config, addresses.run_dir)
+            core = EngineCore(config, progress=True, tp_group=group, plan_sender=sender)
+        else:
+            core = EngineCore(config, progress=True)
         warm_up(core)
         control.send(
             encoder.encode(

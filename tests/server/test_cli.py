@@ -3,6 +3,7 @@
 import pytest
 
 from lightllm_plugin.cli import build_serve_parser, config_from_args
+from lightllm_plugin.config import EngineConfig
 
 
 def _config(argv):
@@ -29,10 +30,23 @@ def test_defaults():
 
 
 def test_flags_without_effect_warn_once_each(capsys):
-    _config(["--nccl_port=None", "--mode", "triton_flashdecoding", "--disable_cudagraph"])
+    _config(["--mode", "triton_flashdecoding", "--disable_cudagraph"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 3 and all("no effect" in line for line in err)
-    assert any("--nccl_port" in line for line in err) and any("--mode" in line for line in err)
+    assert len(err) == 2 and all("no effect" in line for line in err)
+    assert any("--disable_cudagraph" in line for line in err) and any("--mode" in line for line in err)
+
+
+def test_tp_and_nccl_port(capsys):
+    cfg = _config(["--tp", "2", "--nccl_port", "29123"])
+    assert (cfg.tp, cfg.nccl_port) == (2, 29123)
+    # LazyLLM writes --nccl_port=None when it has no port: the default stays, silently
+    assert _config(["--nccl_port=None"]).nccl_port == EngineConfig().nccl_port
+    assert capsys.readouterr().err == ""
+    for bad in (["--nccl_port", "abc"], ["--tp", "0"], ["--nccl_port", "70000"]):
+        with pytest.raises(SystemExit):
+            _config(bad)
+    err = capsys.readouterr().err
+    assert "nccl_port must be a port number" in err and "tp must be >= 1" in err
 
 
 def test_unknown_flags_and_bad_values_are_errors(capsys):
@@ -52,7 +66,7 @@ def test_lazyllm_command_line_parses(capsys):
     ).split()
     cfg = _config(argv)
     assert (cfg.eos_id, cfg.data_type, cfg.max_req_total_len, cfg.long_truncation_mode) == ([2], "float16", 64000, "head")
-    assert "--nccl_port" in capsys.readouterr().err
+    assert (cfg.tp, cfg.nccl_port) == (1, EngineConfig().nccl_port)
 
 
 def test_vllm_spellings_and_the_api_key_from_the_environment(monkeypatch):

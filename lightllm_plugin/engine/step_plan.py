@@ -1,0 +1,91 @@
+"""Step plans: what rank 0 sends every other tensor-parallel rank before each forward.
+
+A plan is the packed int64 step the runner builds anyway (input ids, positions, KV slots,
+req_to_token rows, per-request lengths) behind a three-number header, sent as raw bytes
+over one ZMQ PUSH/PULL pair per rank: no pickle, and a frame of the wrong size is dropped.
+The ranks then run the same forward, so their KV pools hold the same slots.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from dataclasses import dataclass
+
+import torch
+import zmq
+
+logger = logging.getLogger(__name__)
+
+_HEADER = struct.Struct("<qqq")  # tokens, requests, flags
+_ALL_LOGITS = 1
+_INT64 = 8
+
+
+@dataclass
+class StepPlan:
+    packed: torch.Tensor  # int64 [4 * tokens + 5 * requests], as ModelRunner packs it
+    num_tokens: int
+    num_requests: int
+    all_logits: bool
+
+
+def plan_address(run_dir: str, rank: int) -> str:
+    return f"ipc://{run_dir}/tp_plan{rank}"
+
+
+def _socket(ctx: zmq.Context, kind: int) -> zmq.Socket:
+    sock = ctx.socket(kind)
+    sock.setsockopt(zmq.SNDHWM, 0)
+    sock.setsockopt(zmq.RCVHWM, 0)
+    sock.setsockopt(zmq.LINGER, 0)
+    return sock
+
+
+class PlanSender:
+    """Rank 0's end: one PUSH socket to each other rank."""
+
+    def __init__(self, addresses: list[str]):
+        self._ctx = zmq.Context()
+        self._socks = []
+        for address in addresses:
+            sock = _socket(self._ctx, zmq.PUSH)
+            sock.connect(address)
+            self._socks.append(sock)
+
+    def send(self, plan: StepPlan) -> None:
+        header = _HEADER.pack(plan.num_tokens, plan.num_requests, _ALL_LOGITS if plan.all_logits else 0)
+        body = plan.packed.numpy().tobytes()
+        for sock in self._socks:
+            sock.send_multipart([header, body], copy=False)
+
+    def close(self) -> None:
+        self._ctx.destroy(linger=0)
+
+
+class PlanReceiver:
+    """Another rank's end: a PULL socket bound in the run directory."""
+
+    def __init__(self, address: str):
+        self._ctx = zmq.Context()
+        self._sock = _socket(self._ctx, zmq.PULL)
+        self._sock.bind(address)
+
+    def poll(self, timeout_ms: int) -> bool:
+        return bool(self._sock.poll(timeout_ms))
+
+    def recv(self) -> StepPlan | None:
+        """The next plan; None (and a log line) for a frame that is not one."""
+        frames = self._sock.recv_multipart()
+        if len(frames) != 2 or len(frames[0]) != _HEADER.size:
+            logger.error("dropped a step-plan message of %d frames", len(frames))
+            return None
+        tokens, requests, flags = _HEADER.unpack(frames[0])
+        if tokens < 1 or requests < 1 or len(frames[1]) != (4 * tokens + 5 * requests) * _INT64:
+            logger.error("dropped a step plan whose size does not match its header")
+            return None
+        packed = torch.frombuffer(bytearray(frames[1]), dtype=torch.int64)
+        return StepPlan(packed, tokens, requests, bool(flags & _ALL_LOGITS))
+
+    def close(self) -> None:
+        self._ctx.destroy(linger=0)

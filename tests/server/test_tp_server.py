@@ -1,0 +1,45 @@
+"""--tp 2 through the server on CPU (gloo): the same greedy tokens as one rank, and a killed
+rank ends the server with its name."""
+
+import os
+import signal
+import socket
+
+import httpx
+
+from lightllm_plugin import LLM, SamplingParams
+from live_server import ServerProcess
+
+CHATS = ["What is the capital of France?", "Write a haiku about the sea."]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_server_with_tp2_answers_as_one_rank_and_a_killed_rank_ends_it_with_its_name():
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    llm = LLM(max_total_token_num=4096, max_req_total_len=512, max_req_input_len=256, progress=False)
+    expected = [o.outputs[0].token_ids
+                for o in llm.chat([[{"role": "user", "content": c}] for c in CHATS], params, use_tqdm=False)]
+    del llm
+    server = ServerProcess("--tp", "2", "--nccl_port", str(_free_port()))
+    try:
+        server.wait_ready()
+        for chat, tokens in zip(CHATS, expected):
+            body = {"messages": [{"role": "user", "content": chat}],
+                    "parameters": {"max_new_tokens": 16, "do_sample": False, "ignore_eos": True,
+                                   "return_details": True}}
+            got = httpx.post(server.url + "/generate", json=body, timeout=120).json()
+            assert [t["id"] for t in got["tokens"]] == tokens
+        rank = server.child("tp_rank1")
+        os.kill(rank.pid, signal.SIGKILL)
+        code = server.proc.wait(15)
+        assert code != 0
+        assert f"tp_rank1 process (pid {rank.pid}) was killed by signal SIGKILL" in server.output
+        assert not server.leftover_processes(timeout=10)
+    finally:
+        server.stop()
+        server.reap()
