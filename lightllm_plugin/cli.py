@@ -52,7 +52,7 @@ ALIASES = {"served_model_name": "--served-model-name", "api_key": "--api-key"}
 API_KEY_ENV = "LIGHTLLM_API_KEY"
 
 # fields only the HTTP server uses
-SERVER_FIELDS = {"host", "port", "nccl_port", "tokenizer_workers", "served_model_name", "api_key"}
+SERVER_FIELDS = {"host", "port", "tokenizer_workers", "served_model_name", "api_key"}
 # fields whose flag takes any text: LazyLLM writes "--nccl_port=None" when it has no port to give
 TEXT_OR_NONE_FIELDS = {"nccl_port"}
 # LightLLM flags with no counterpart here: (name, takes a value)
@@ -223,11 +223,11 @@ def generate_main(argv: list[str]) -> int:
         )
     except ValueError as exc:
         parser.error(str(exc))
-    llm = LLM(config=config)
-    if not args.no_chat_template and getattr(llm.tokenizer, "chat_template", None):
-        result = llm.chat([{"role": "user", "content": args.prompt}], params, use_tqdm=False)
-    else:
-        result = llm.generate([args.prompt], params, use_tqdm=False)
+    with LLM(config=config) as llm:
+        if not args.no_chat_template and getattr(llm.tokenizer, "chat_template", None):
+            result = llm.chat([{"role": "user", "content": args.prompt}], params, use_tqdm=False)
+        else:
+            result = llm.generate([args.prompt], params, use_tqdm=False)
     print(result[0].outputs[0].text)
     return 0
 
@@ -244,16 +244,16 @@ def bench_main(argv: list[str]) -> int:
     from lightllm_plugin.llm import LLM
     from lightllm_plugin.sampling_params import SamplingParams
 
-    llm = LLM(config=config)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             max_new_tokens=args.max_new_tokens, ignore_eos=True)
-    vocab = len(llm.tokenizer)
-    # distinct synthetic prompts: no two requests share a prefix
-    prompts = [[(1000 + 7 * i + 13 * j) % vocab for j in range(args.prompt_len)] for i in range(args.num_prompts)]
-    llm.generate(prompts[:1], SamplingParams(max_new_tokens=2, temperature=0.0), use_tqdm=False)  # warm-up
-    start = time.perf_counter()
-    outputs = llm.generate(prompts, params, use_tqdm=False)
-    elapsed = time.perf_counter() - start
+    with LLM(config=config) as llm:
+        vocab = len(llm.tokenizer)
+        # distinct synthetic prompts: no two requests share a prefix
+        prompts = [[(1000 + 7 * i + 13 * j) % vocab for j in range(args.prompt_len)] for i in range(args.num_prompts)]
+        llm.generate(prompts[:1], SamplingParams(max_new_tokens=2, temperature=0.0), use_tqdm=False)  # warm-up
+        start = time.perf_counter()
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        elapsed = time.perf_counter() - start
     generated = sum(len(o.outputs[0].token_ids) for o in outputs)
     prompt_tokens = args.num_prompts * args.prompt_len
     print(

@@ -43,3 +43,36 @@ def test_server_with_tp2_answers_as_one_rank_and_a_killed_rank_ends_it_with_its_
     finally:
         server.stop()
         server.reap()
+
+
+def test_generate_command_with_tp2_answers_and_leaves_no_rank_behind(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    cmd = [sys.executable, "-m", "lightllm_plugin.cli", "generate", "What is the capital of France?", "--tp", "2",
+           "--nccl_port", str(_free_port()), "--max_new_tokens", "12", "--max_total_token_num", "2048",
+           "--max_req_total_len", "512", "--max_req_input_len", "256"]
+    out_path, err_path = tmp_path / "out", tmp_path / "err"
+    with open(out_path, "w") as out, open(err_path, "w") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
+        seen: set[int] = set()  # every process the command started, collected while it runs
+        deadline = time.monotonic() + 300
+        try:
+            while proc.poll() is None and time.monotonic() < deadline:
+                try:
+                    seen.update(c.pid for c in psutil.Process(proc.pid).children(recursive=True))
+                except psutil.NoSuchProcess:
+                    pass
+                time.sleep(0.1)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert proc.returncode == 0, err_path.read_text()
+    assert "Paris" in out_path.read_text()
+    assert seen, "the rank process was never seen"
+    alive = [p for p in map(psutil.Process, filter(psutil.pid_exists, seen)) if p.status() != psutil.STATUS_ZOMBIE]
+    _, still = psutil.wait_procs(alive, timeout=5)
+    assert not still, still
