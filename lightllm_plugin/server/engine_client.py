@@ -54,6 +54,8 @@ class _Group:
     arrival: float
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     unfinished: set[int] = field(default_factory=set)
+    # samples whose last token reached the api, whether or not the route has read it yet
+    ended: set[int] = field(default_factory=set)
     last_token_time: dict[int, float] = field(default_factory=dict)
 
 
@@ -169,8 +171,10 @@ class AsyncEngineClient:
         finally:
             for req_id in req_ids:
                 self._groups.pop(req_id, None)
-            if group.unfinished:
-                self._abort(sorted(group.unfinished))
+            # a sample whose last token arrived but was not read (its client left) has ended in
+            # the engine already: aborting it would count it twice and leave a stale abort behind
+            if group.unfinished - group.ended:
+                self._abort(sorted(group.unfinished - group.ended))
 
     def _abort(self, req_ids: list[int]) -> None:
         # not awaited: this runs in generator clean-up, where the task may be cancelled; an
@@ -216,6 +220,7 @@ class AsyncEngineClient:
         m.generation_tokens.inc()
         if output.finish_reason is not None:
             m.requests_finished.inc(finish_reason=output.finish_reason)
+            group.ended.add(output.req_id)
         group.queue.put_nowait(output)
 
     def _record_stats(self, stats: EngineStats) -> None:
