@@ -55,11 +55,15 @@ _LEADING_NAME = re.compile(r"^`?([A-Za-z_][\w.\[\]]*)")
 
 def invalid(message: str, status: int = 400, renames: dict[str, str] | None = None) -> ApiError:
     """An error from a message that starts with the field it concerns ("temperature must be
-    >= 0"); the engine's field names are put back into the names this client used."""
+    >= 0"); the engine's field names are put back into the names this client used. `param`
+    is that field when it is one of the request's fields, else null (a message such as "the
+    body is not valid JSON" or "Expected `object`, got `array`" names no field)."""
     for ours, theirs in (renames or {}).items():
         message = re.sub(rf"\b{ours}\b", theirs, message)
     match = _LEADING_NAME.match(message) if status < 500 else None
     param = re.sub(r"\[\d+\]", "", match.group(1)) if match else None
+    if param is not None and re.split(r"[.\[]", param, maxsplit=1)[0] not in _request_fields():
+        param = None
     return ApiError(status, message, param)
 
 
@@ -112,6 +116,10 @@ class ChatRequest(_Request, kw_only=True):
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+
+
+def _request_fields() -> frozenset[str]:
+    return frozenset(CompletionRequest.__struct_fields__) | frozenset(ChatRequest.__struct_fields__)
 
 
 def _pick(value, default):

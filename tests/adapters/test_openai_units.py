@@ -117,3 +117,50 @@ def test_errors_name_the_field_the_client_sent():
         "error": {"message": "max_tokens: Expected `int`, got `str`", "type": "invalid_request_error",
                   "param": "max_tokens", "code": None}
     }
+
+
+def test_a_message_that_names_no_request_field_has_a_null_param():
+    for message in ("Expected `object`, got `array`", "the body is not valid JSON: truncated",
+                    "a number in the request is out of range"):
+        assert invalid(message, 422 if message.startswith("E") else 400).param is None
+    assert invalid("stream_options.include_usage: Expected `bool | null`, got `str`", 422).param == \
+        "stream_options.include_usage"
+    assert invalid("messages[0].role must be one of system, user", 400).param == "messages.role"
+
+
+class _NoEngine:
+    """The routes refuse these bodies before they reach the engine."""
+
+    def __init__(self):
+        from lightllm_plugin.server.metrics import ServerMetrics
+
+        self.metrics = ServerMetrics()
+
+
+@pytest.mark.parametrize(
+    "path, body, param",
+    [
+        ("/v1/completions", {"prompt": "hi"}, "model"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}, "model"),
+        ("/v1/chat/completions", {}, "model"),
+        ("/v1/completions", {"model": "m"}, "prompt"),
+        ("/v1/chat/completions", {"model": "m"}, "messages"),
+        ("/v1/completions", {"model": None, "prompt": "hi"}, "model"),
+        ("/v1/chat/completions", {"model": 5, "messages": []}, "model"),
+        ("/v1/chat/completions", {"model": "m", "messages": "hi"}, "messages"),
+        ("/v1/completions", [], None),
+    ],
+)
+def test_a_missing_or_mistyped_required_field_is_a_4xx_in_openais_shape_naming_it(path, body, param):
+    from fastapi.testclient import TestClient
+
+    from lightllm_plugin.config import EngineConfig
+    from lightllm_plugin.server.api import create_app
+
+    response = TestClient(create_app(_NoEngine(), EngineConfig())).post(path, json=body)
+    assert response.status_code in (400, 422)
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error" and error["param"] == param
+    if param is not None:
+        assert param in error["message"]
