@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import re
 from typing import Any, TypeVar
 
 import anyio
@@ -40,8 +41,15 @@ async def read_json_body(request: Request, schema: type[T]) -> T:
         raise BadRequest(400, f"the body is not valid JSON: {exc}") from None
 
 
+_MISSING = re.compile(r"^Object missing required field `(\w+)`")
+
+
 def _name_the_field(message: str) -> str:
     what, sep, where = message.rpartition(" - at `$.")
+    missing = _MISSING.match(what if sep else message)
+    if missing:  # "model: ..." names the missing field itself
+        field = (where.rstrip("`") + "." if sep else "") + missing.group(1)
+        return f"{field}: {missing.group(0)}"
     if not sep:
         return message
     return f"{where.rstrip('`')}: {what}"
