@@ -42,6 +42,12 @@ def encode_prompt(tokenizer, req: TokenizeRequest) -> list[int]:
             raise ValueError("messages: this model has no chat template; send the prompt as text instead")
         if req.tools and not template_takes_tools(tokenizer.chat_template):
             raise ValueError("tools: this model's chat template does not take tools")
+        overriding = sorted(RENDER_OPTIONS.intersection(req.chat_template_kwargs or {}))
+        if overriding:
+            raise ValueError(
+                f"chat_template_kwargs: {', '.join(overriding)} cannot be set by a request; "
+                "chat_template_kwargs are variables of the model's own chat template"
+            )
         try:
             text = tokenizer.apply_chat_template(
                 req.messages,
@@ -57,6 +63,16 @@ def encode_prompt(tokenizer, req: TokenizeRequest) -> list[int]:
     if req.prompt is None or req.prompt == "":
         raise ValueError(f"{req.field} must not be empty")
     return tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+
+
+# apply_chat_template's own parameters. Given in chat_template_kwargs they would not be template
+# variables but would replace the model's template (a client's Jinja, rendered in the sandbox
+# but free to loop for minutes in the tokenizer process) or change what rendering returns.
+RENDER_OPTIONS = frozenset({
+    "conversation", "chat_template", "tools", "documents", "add_generation_prompt", "continue_final_message",
+    "tokenize", "padding", "truncation", "max_length", "return_tensors", "return_dict",
+    "return_assistant_tokens_mask", "tokenizer_kwargs",
+})
 
 
 def template_takes_tools(template: str | dict[str, str]) -> bool:

@@ -32,6 +32,22 @@ def test_a_bad_conversation_names_messages(tokenizer):
     assert isinstance(result, RequestError) and result.message.startswith("messages")
 
 
+def test_chat_template_kwargs_are_template_variables_and_cannot_replace_the_template(tokenizer):
+    messages = [{"role": "user", "content": "Hi"}]
+    plain = handle(tokenizer, TokenizeRequest(req_ids=[0], params=SamplingParams(), messages=messages), EngineConfig())
+    # a variable the template does not read changes nothing
+    with_var = handle(tokenizer, TokenizeRequest(req_ids=[0], params=SamplingParams(), messages=messages,
+                                                 chat_template_kwargs={"enable_thinking": False}), EngineConfig())
+    assert with_var[0].prompt_ids == plain[0].prompt_ids
+    # a client's own template (which could loop for minutes in this process) or a rendering option is refused
+    for key, value in (("chat_template", "{% for i in range(10**9) %}x{% endfor %}"), ("tokenize", True)):
+        req = TokenizeRequest(req_ids=[0], params=SamplingParams(), messages=messages,
+                              chat_template_kwargs={key: value})
+        result = handle(tokenizer, req, EngineConfig())
+        assert isinstance(result, RequestError), key
+        assert result.message.startswith("chat_template_kwargs") and key in result.message
+
+
 def test_an_empty_prompt_is_refused_by_name(tokenizer):
     req = TokenizeRequest(req_ids=[0], params=SamplingParams(), prompt="", field="inputs")
     result = handle(tokenizer, req, EngineConfig())
