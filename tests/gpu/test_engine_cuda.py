@@ -12,6 +12,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 from lightllm_plugin.config import EngineConfig  # noqa: E402
 from lightllm_plugin.engine.memory import kv_bytes_per_token  # noqa: E402
 from lightllm_plugin.engine.runner import ModelRunner  # noqa: E402
+from lightllm_plugin.models.default_model import cached_default_model_path  # noqa: E402
 from lightllm_plugin.models.loader import load_model  # noqa: E402
 
 
@@ -210,14 +211,7 @@ def test_decode_queued_ahead_equals_eager_with_stops_min_tokens_logprobs_and_an_
     assert len(eager_events[9]) < 30 and eager_events[9][-1][1] is None  # aborted mid-run
 
 
-def _cached_default_model() -> str | None:
-    from lightllm_plugin.models import default_model as dm
-
-    path = dm.cache_dir() / f"{dm.DEFAULT_MODEL_PACKAGE}-{dm.DEFAULT_MODEL_VERSION}" / dm.DEFAULT_MODEL_FILE
-    return str(path) if path.is_file() else None
-
-
-@pytest.mark.skipif(_cached_default_model() is None, reason="the default model is not in the cache (no network here)")
+@pytest.mark.skipif(cached_default_model_path() is None, reason="the default model is not in the cache (no network here)")
 def test_default_model_greedy_on_gpu_equals_cpu():
     """The default model in bf16 with Triton kernels and CUDA graphs against the CPU engine in
     float32 with the references: the first 32 greedy tokens of 8 chat prompts. bf16 may only
@@ -231,7 +225,7 @@ def test_default_model_greedy_on_gpu_equals_cpu():
     params = SamplingParams(temperature=0, max_new_tokens=32, ignore_eos=True, logprobs=2)
     outputs = {}
     for device in ("cpu", "cuda"):
-        llm = LLM(_cached_default_model(), device=device, max_total_token_num=4096, max_req_total_len=512,
+        llm = LLM(cached_default_model_path(), device=device, max_total_token_num=4096, max_req_total_len=512,
                   max_req_input_len=256, progress=False)
         answers = llm.chat([[{"role": "user", "content": q}] for q in questions], params, use_tqdm=False)
         # per prompt: [(token, {id: logprob of the top 2 and the chosen})]

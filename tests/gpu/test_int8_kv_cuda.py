@@ -2,8 +2,8 @@
 against bf16 KV through the Triton kernels and CUDA graphs."""
 
 import gc
-import math
 import os
+import sys
 
 import pytest
 import torch
@@ -11,22 +11,14 @@ import transformers
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
+# the chats, the text and the perplexity helper are the CPU int8 test's (tests/engine)
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "engine"))
+from int8_kv_check import CHATS, GREEDY_TOKENS, perplexity, text_ids  # noqa: E402
+
 from lightllm_plugin.config import EngineConfig  # noqa: E402
 from lightllm_plugin.engine.memory import QuantizedKVCache  # noqa: E402
 from lightllm_plugin.engine.runner import ModelRunner  # noqa: E402
-
-CHATS = [
-    "What is the capital of France?",
-    "Write a haiku about the sea.",
-    "List three colours.",
-    "Explain in one sentence why the sky is blue.",
-    "Give me a tip for learning to cook.",
-    "Translate 'good morning' into Spanish.",
-    "Who wrote Hamlet?",
-    "Describe a cat to someone who has never seen one.",
-]
-TEXT = os.path.join(os.path.dirname(__file__), "..", "data", "perplexity_text.txt")
-PPL_TOKENS = 2000
+from lightllm_plugin.models.default_model import cached_default_model_path  # noqa: E402
 
 
 def _free_cuda():
@@ -56,24 +48,7 @@ def test_int8_pool_holds_at_least_1_9x_the_bf16_slots(tmp_path):
     assert slots["int8"] >= 1.9 * slots["auto"]
 
 
-def _cached_default_model() -> str | None:
-    from lightllm_plugin.models import default_model as dm
-
-    path = dm.cache_dir() / f"{dm.DEFAULT_MODEL_PACKAGE}-{dm.DEFAULT_MODEL_VERSION}" / dm.DEFAULT_MODEL_FILE
-    return str(path) if path.is_file() else None
-
-
-def _perplexity(llm, ids):
-    engine = llm.engine
-    slots = engine.free_slots.allocate(len(ids))
-    try:
-        logprobs = engine.runner.teacher_forced_logprobs(ids, slots, chunk=512)
-    finally:
-        engine.free_slots.free(slots)
-    return math.exp(-logprobs.double().mean().item())
-
-
-@pytest.mark.skipif(_cached_default_model() is None, reason="the default model is not in the cache (no network here)")
+@pytest.mark.skipif(cached_default_model_path() is None, reason="the default model is not in the cache (no network here)")
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_default_model_int8_kv_against_full_precision_kv_on_gpu(dtype):
     """Through the Triton kernels and CUDA graphs: the perplexity of tests/data's 2,000 tokens
@@ -82,20 +57,16 @@ def test_default_model_int8_kv_against_full_precision_kv_on_gpu(dtype):
     tokens part from float32's at near-ties by themselves, see test_engine_cuda)."""
     from lightllm_plugin import LLM, SamplingParams
 
-    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
-    with open(TEXT, encoding="utf-8") as fh:
-        text = fh.read()
+    params = SamplingParams(max_tokens=GREEDY_TOKENS, temperature=0, ignore_eos=True)
     tokens, ppl = {}, {}
     for kv in ("auto", "int8"):
-        llm = LLM(_cached_default_model(), device="cuda", data_type=dtype, kv_cache_dtype=kv,
+        llm = LLM(cached_default_model_path(), device="cuda", data_type=dtype, kv_cache_dtype=kv,
                   max_total_token_num=8192, max_req_total_len=2048, max_req_input_len=512, progress=False)
         answers = llm.chat([[{"role": "user", "content": c}] for c in CHATS], params, use_tqdm=False)
         tokens[kv] = [a.outputs[0].token_ids for a in answers]
         if kv == "int8":
             assert "Paris" in answers[0].outputs[0].text
-        ids = llm.get_tokenizer().encode(text)[:PPL_TOKENS]
-        assert len(ids) == PPL_TOKENS
-        ppl[kv] = _perplexity(llm, ids)
+        ppl[kv] = perplexity(llm, text_ids(llm))
         assert llm.engine.free_slots.num_free == llm.config.total_slots
         del llm
         _free_cuda()

