@@ -42,16 +42,17 @@ def kv_bytes_per_token(engine) -> int:
     return memory.kv_bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, engine.runner.kv_dtype)
 
 
-def run_to_end(engine, prompts, outputs, max_running: list[int]) -> int:
+def run_to_end(engine, prompts, outputs) -> tuple[int, int]:
+    """(tokens produced, most requests running at once) of the requests run to their lengths."""
     from lightllm_plugin.sampling_params import SamplingParams
 
     for i, (p, o) in enumerate(zip(prompts, outputs)):
         engine.add_request(i, p, SamplingParams(temperature=0, max_new_tokens=o, ignore_eos=True))
-    produced = 0
+    produced = peak = 0
     while engine.has_unfinished():
         produced += len(engine.step())
-        max_running[0] = max(max_running[0], engine.num_running)
-    return produced
+        peak = max(peak, engine.num_running)
+    return produced, peak
 
 
 def decode_at_batch(engine, prompts, new_tokens: int) -> tuple[float, int, int]:
@@ -110,7 +111,7 @@ def main() -> None:
                                 running_max_req_size=max(args.batch, 256), batch_max_tokens=8192)
         r["slots"] = engine.total_slots
         r["token_bytes"] = kv_bytes_per_token(engine)
-        run_to_end(engine, batch_prompts[:2], [4, 4], [0])  # warm-up
+        run_to_end(engine, batch_prompts[:2], [4, 4])  # warm-up
         seconds, decoded, steps = decode_at_batch(engine, batch_prompts, args.decode_tokens)
         # each step reads every weight once and the batch's K/V so far (mean context over the steps)
         mean_ctx = args.prompt_len + args.decode_tokens / 2
@@ -123,16 +124,15 @@ def main() -> None:
         engine = engine_from_hf(hf, hf_cfg, max_len, max_input, mem_fraction=args.overflow_mem_fraction,
                                 kv_cache_dtype=kv, running_max_req_size=256, batch_max_tokens=8192)
         r["overflow_slots"] = engine.total_slots
-        run_to_end(engine, batch_prompts[:2], [4, 4], [0])
-        peak = [0]
+        run_to_end(engine, batch_prompts[:2], [4, 4])
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        produced = run_to_end(engine, overflow_prompts, overflow_outputs, peak)
+        produced, peak = run_to_end(engine, overflow_prompts, overflow_outputs)
         torch.cuda.synchronize()
         r["overflow_s"] = time.perf_counter() - t0
         assert produced == sum(overflow_outputs), (produced, sum(overflow_outputs))
         r["overflow_tps"] = produced / r["overflow_s"]
-        r["overflow_peak_running"] = peak[0]
+        r["overflow_peak_running"] = peak
         del engine
         free_engine()
 

@@ -58,17 +58,18 @@ class LLM:
         elif model is not None or overrides:
             config = config.replace(**({"model_dir": model} if model is not None else {}), **overrides)
         self.config = config
-        self._ranks = None  # tp > 1: the processes of ranks 1..tp-1
+        self._ranks = None  # tp > 1: the processes of ranks 1..tp-1, rank 0's group and plan sender
         if config.tp > 1:
             from lightllm_plugin.engine.tp_worker import OfflineRanks, join_as_rank_zero
 
-            self._ranks = OfflineRanks(config)
+            ranks = OfflineRanks(config)
             try:
-                group, sender = join_as_rank_zero(config, self._ranks.run_dir)
+                group, sender = join_as_rank_zero(config, ranks.run_dir)
                 self.engine = EngineCore(config, progress=progress, tp_group=group, plan_sender=sender)
             except BaseException:
-                self._ranks.close()
+                ranks.close()
                 raise
+            self._ranks = (ranks, group, sender)
         else:
             self.engine = EngineCore(config, progress=progress)
         self.tokenizer = self.engine.tokenizer
@@ -76,10 +77,11 @@ class LLM:
     def close(self) -> None:
         """Stop the other tensor-parallel ranks (tp > 1); nothing to do otherwise."""
         if self._ranks is not None:
-            self._ranks.close()
+            ranks, group, sender = self._ranks
             self._ranks = None
-            self.engine.runner.tp_group.close()
-            self.engine.runner.plan_sender.close()
+            ranks.close()
+            group.close()
+            sender.close()
 
     def __enter__(self) -> "LLM":
         return self

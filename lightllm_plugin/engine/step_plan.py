@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import zmq
 
+from lightllm_plugin.server.child_process import open_socket
+
 logger = logging.getLogger(__name__)
 
 _HEADER = struct.Struct("<qqq")  # tokens, requests, flags
@@ -34,24 +36,12 @@ def plan_address(run_dir: str, rank: int) -> str:
     return f"ipc://{run_dir}/tp_plan{rank}"
 
 
-def _socket(ctx: zmq.Context, kind: int) -> zmq.Socket:
-    sock = ctx.socket(kind)
-    sock.setsockopt(zmq.SNDHWM, 0)
-    sock.setsockopt(zmq.RCVHWM, 0)
-    sock.setsockopt(zmq.LINGER, 0)
-    return sock
-
-
 class PlanSender:
     """Rank 0's end: one PUSH socket to each other rank."""
 
     def __init__(self, addresses: list[str]):
         self._ctx = zmq.Context()
-        self._socks = []
-        for address in addresses:
-            sock = _socket(self._ctx, zmq.PUSH)
-            sock.connect(address)
-            self._socks.append(sock)
+        self._socks = [open_socket(self._ctx, zmq.PUSH, address, bind=False) for address in addresses]
 
     def send(self, plan: StepPlan) -> None:
         header = _HEADER.pack(plan.num_tokens, plan.num_requests, _ALL_LOGITS if plan.all_logits else 0)
@@ -68,8 +58,7 @@ class PlanReceiver:
 
     def __init__(self, address: str):
         self._ctx = zmq.Context()
-        self._sock = _socket(self._ctx, zmq.PULL)
-        self._sock.bind(address)
+        self._sock = open_socket(self._ctx, zmq.PULL, address, bind=True)
 
     def poll(self, timeout_ms: int) -> bool:
         return bool(self._sock.poll(timeout_ms))
