@@ -3,20 +3,13 @@ rank ends the server with its name."""
 
 import os
 import signal
-import socket
 
 import httpx
 
 from lightllm_plugin import LLM, SamplingParams
-from live_server import ServerProcess
+from live_server import ServerProcess, free_port
 
 CHATS = ["What is the capital of France?", "Write a haiku about the sea."]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_server_with_tp2_answers_as_one_rank_and_a_killed_rank_ends_it_with_its_name():
@@ -25,7 +18,7 @@ def test_server_with_tp2_answers_as_one_rank_and_a_killed_rank_ends_it_with_its_
     expected = [o.outputs[0].token_ids
                 for o in llm.chat([[{"role": "user", "content": c}] for c in CHATS], params, use_tqdm=False)]
     del llm
-    server = ServerProcess("--tp", "2", "--nccl_port", str(_free_port()))
+    server = ServerProcess("--tp", "2", "--nccl_port", str(free_port()))
     try:
         server.wait_ready()
         for chat, tokens in zip(CHATS, expected):
@@ -53,7 +46,7 @@ def test_generate_command_with_tp2_answers_and_leaves_no_rank_behind(tmp_path):
     import psutil
 
     cmd = [sys.executable, "-m", "lightllm_plugin.cli", "generate", "What is the capital of France?", "--tp", "2",
-           "--nccl_port", str(_free_port()), "--max_new_tokens", "12", "--max_total_token_num", "2048",
+           "--nccl_port", str(free_port()), "--max_new_tokens", "12", "--max_total_token_num", "2048",
            "--max_req_total_len", "512", "--max_req_input_len", "256"]
     out_path, err_path = tmp_path / "out", tmp_path / "err"
     with open(out_path, "w") as out, open(err_path, "w") as err:
