@@ -226,7 +226,7 @@ def main() -> None:
     print(f"engine: init {init_s:.1f} s, {slots} KV slots, {steps} steps ({replays} graph replays), "
           f"batch_max_tokens={batch_max_tokens}")
     hf_note = f"HF on the first {k} of {len(prompts)} requests, batches of {args.hf_batch}" if k < len(prompts) else f"HF on all requests, batches of {args.hf_batch}"
-    print(f"| what | out tok/s | seconds | x HF | of floor |")
+    print("| what | out tok/s | seconds | x HF | of floor |")
     print("| --- | ---: | ---: | ---: | ---: |")
     print(f"| engine | {ours_tps:.1f} | {ours_s:.2f} | {ours_tps / hf_tps:.2f} | {floor_s / ours_s:.1%} |")
     print(f"| {hf_note} ({hf_out} out tokens) | {hf_tps:.1f} | {hf_s:.2f} | 1.00 | - |")

@@ -43,7 +43,7 @@ def token_attention_ref(
     scale: float,
     kv_scale: torch.Tensor | None = None,  # [slots+1, 2*Hkv]: kv_layer is int8 (quantized by kv_scatter)
 ) -> torch.Tensor:
-    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_heads = q.shape[1]
     kv_heads = kv_layer.shape[1] // 2
     group = num_heads // kv_heads
     out = torch.empty_like(q)
