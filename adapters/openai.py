@@ -46,8 +46,10 @@ class ApiError(Exception):
         kind = "invalid_request_error" if self.status < 500 else "server_error"
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
-    def response(self) -> Response:
-        return Response(msgspec.json.encode(self.body()), status_code=self.status, media_type="application/json")
+    def response(self, headers: dict[str, str] | None = None) -> Response:
+        return Response(
+            msgspec.json.encode(self.body()), status_code=self.status, media_type="application/json", headers=headers
+        )
 
 
 _LEADING_NAME = re.compile(r"^`?([A-Za-z_][\w.\[\]]*)")
@@ -222,7 +224,7 @@ def _template_tool_call(call: Any) -> Any:
 def check_tools(tools: list[Any]) -> None:
     for i, tool in enumerate(tools):
         function = tool.get("function") if isinstance(tool, dict) else None
-        if tool.get("type", "function") != "function" or not isinstance(function, dict) or not isinstance(
+        if not isinstance(function, dict) or tool.get("type", "function") != "function" or not isinstance(
             function.get("name"), str
         ):
             raise ApiError(400, f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ...}}}}", "tools")
@@ -494,12 +496,12 @@ class OpenAIServer:
             first = await anext(outputs)
         except RequestRejected as exc:
             await outputs.aclose()
-            return invalid(exc.message, exc.status, job.renames).response()
+            return invalid(exc.message, exc.status, job.renames).response(exc.headers)
         if not job.stream:
             try:
                 return await respond(first, outputs)
             except RequestRejected as exc:
-                return invalid(exc.message, exc.status, job.renames).response()
+                return invalid(exc.message, exc.status, job.renames).response(exc.headers)
             finally:
                 await outputs.aclose()
 

@@ -24,8 +24,73 @@ class BadRequest(Exception):
         self.message = message
 
 
-def error_response(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+OPENAI_PREFIX = "/v1/"
+
+
+def shaped_error_body(path: str, status: int, message: str, code: str | None = None) -> bytes:
+    """An error in the shape of the route it answers, for code that runs before any route
+    (middleware, exception handlers): OpenAI's nested object under /v1/, else LightLLM's flat one."""
+    if path.startswith(OPENAI_PREFIX):
+        kind = "invalid_request_error" if status < 500 else "server_error"
+        return json.dumps({"error": {"message": message, "type": kind, "param": None, "code": code}}).encode()
+    return json.dumps({"error": message}).encode()
+
+
+async def send_error(send, path: str, status: int, message: str, code: str | None = None, headers=()) -> None:
+    body = shaped_error_body(path, status, message, code)
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                        *headers],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+class LimitBodySize:
+    """ASGI middleware: a request body over max_bytes is refused with 413 before any route
+    reads it. The body is read here (every route reads it whole anyway) and handed on."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            return await self.app(scope, receive, send)
+        too_big = f"the request body is larger than max_body_size={self.max_bytes} bytes"
+        declared = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await send_error(send, scope["path"], 413, too_big, headers=[(b"connection", b"close")])
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left before sending it all
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                return await send_error(send, scope["path"], 413, too_big, headers=[(b"connection", b"close")])
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()  # after the body: the disconnect the streaming routes watch for
+
+        await self.app(scope, replay, send)
 
 
 async def read_json_body(request: Request, schema: type[T]) -> T:
@@ -39,6 +104,8 @@ async def read_json_body(request: Request, schema: type[T]) -> T:
         raise BadRequest(422, _name_the_field(str(exc))) from None
     except msgspec.DecodeError as exc:
         raise BadRequest(400, f"the body is not valid JSON: {exc}") from None
+    except UnicodeDecodeError:
+        raise BadRequest(400, "the body is not valid JSON: it is not valid UTF-8") from None
 
 
 _MISSING = re.compile(r"^Object missing required field `(\w+)`")

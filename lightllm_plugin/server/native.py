@@ -146,7 +146,7 @@ def native_routes(client: AsyncEngineClient) -> APIRouter:
                 if return_details:
                     details[index].append(token_details(out))
         except RequestRejected as exc:
-            return error_response(exc.status, exc.message)
+            return error_response(exc.status, exc.message, exc.headers)
         result: dict[str, Any] = {
             "generated_text": texts,
             "count_output_tokens": sum(counts),
@@ -174,7 +174,7 @@ def native_routes(client: AsyncEngineClient) -> APIRouter:
             first = await anext(outputs)
         except RequestRejected as exc:
             await outputs.aclose()
-            return error_response(exc.status, exc.message)
+            return error_response(exc.status, exc.message, exc.headers)
 
         async def events():
             try:
