@@ -9,6 +9,9 @@ from __future__ import annotations
 import msgspec
 
 
+_INT32_MAX = 2**31 - 1  # counts and ids beyond this cannot cross a socket or reach a tensor
+
+
 class SamplingParams(msgspec.Struct, kw_only=True):
     n: int = 1
     temperature: float = 1.0  # 0 means greedy
@@ -61,8 +64,10 @@ class SamplingParams(msgspec.Struct, kw_only=True):
             raise ValueError(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
         if not -2.0 <= self.frequency_penalty <= 2.0:
             raise ValueError(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if not isinstance(self.max_new_tokens, int) or not 1 <= self.max_new_tokens <= _INT32_MAX:
+            raise ValueError(f"max_new_tokens must be an integer in [1, {_INT32_MAX}], got {self.max_new_tokens!r}")
+        if self.top_k > _INT32_MAX:
+            raise ValueError(f"top_k must be <= {_INT32_MAX}, got {self.top_k}")
         if self.min_new_tokens < 0 or self.min_new_tokens > self.max_new_tokens:
             raise ValueError(
                 f"min_new_tokens must be in [0, max_new_tokens={self.max_new_tokens}], got {self.min_new_tokens}"
@@ -73,5 +78,5 @@ class SamplingParams(msgspec.Struct, kw_only=True):
             raise ValueError(f"logprobs must be in [0, 20], got {self.logprobs}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError("stop must be a list of non-empty strings")
-        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
-            raise ValueError("stop_token_ids must be non-negative integers")
+        if any(not isinstance(t, int) or not 0 <= t <= _INT32_MAX for t in self.stop_token_ids):
+            raise ValueError("stop_token_ids must be non-negative 32-bit integers")

@@ -192,7 +192,11 @@ class AsyncEngineClient:
             lower_max_new_tokens=lower_max_new_tokens,
         )
         try:
-            await self._to_tokenizer.send(encoder.encode(request))
+            try:
+                frame = encoder.encode(request)
+            except OverflowError:  # a number no field check caught: refuse it, do not 500
+                raise RequestRejected("a number in the request is out of range", 400) from None
+            await self._to_tokenizer.send(frame)
             while group.unfinished:
                 if deadline is None:
                     item = await group.queue.get()
