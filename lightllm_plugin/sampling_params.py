@@ -12,6 +12,28 @@ import msgspec
 _INT32_MAX = 2**31 - 1  # counts and ids beyond this cannot cross a socket or reach a tensor
 
 
+# the values validate() accepts, as JSON Schema: the HTTP routes document their fields with them
+_INT = {"type": "integer"}
+_NUMBER = {"type": "number"}
+ACCEPTED = {
+    "temperature": {**_NUMBER, "minimum": 0},
+    "top_p": {**_NUMBER, "exclusiveMinimum": 0, "maximum": 1},
+    "top_k": {**_INT, "minimum": -1, "maximum": _INT32_MAX},
+    "min_p": {**_NUMBER, "minimum": 0, "maximum": 1},
+    "repetition_penalty": {**_NUMBER, "exclusiveMinimum": 0},
+    "presence_penalty": {**_NUMBER, "minimum": -2, "maximum": 2},
+    "frequency_penalty": {**_NUMBER, "minimum": -2, "maximum": 2},
+    "max_new_tokens": {**_INT, "minimum": 1, "maximum": _INT32_MAX},
+    "min_new_tokens": {**_INT, "minimum": 0, "maximum": _INT32_MAX},
+    # 64-bit signed; documented within +-2**53, which survives documents that hold numbers as floats
+    "seed": {**_INT, "minimum": -(2**53), "maximum": 2**53},
+    "logprobs": {**_INT, "minimum": 0, "maximum": 20},
+    "stop_token_ids": {"type": "array", "items": {**_INT, "minimum": 0, "maximum": _INT32_MAX}},
+    "stop": {"anyOf": [{"type": "string", "minLength": 1},
+                       {"type": "array", "items": {"type": "string", "minLength": 1}}]},
+}
+
+
 class SamplingParams(msgspec.Struct, kw_only=True):
     n: int = 1
     temperature: float = 1.0  # 0 means greedy

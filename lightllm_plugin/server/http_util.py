@@ -120,6 +120,58 @@ async def read_json_body(request: Request, schema: type[T]) -> T:
         raise BadRequest(400, "the body is not valid JSON: it is not valid UTF-8") from None
 
 
+def nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    """A documented field that may also be null (null means the default)."""
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+def json_body_openapi(
+    schema: type,
+    description: str | None = None,
+    documented: dict[str, dict[str, Any]] | None = None,
+    constraints: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """`openapi_extra` for a route that reads its JSON body itself with read_json_body: the
+    body's schema, generated from the same msgspec struct the body is decoded with, goes into
+    the OpenAPI document (for clients, docs and schema-driven fuzzing). Documentation only:
+    the route's behaviour does not change. `documented` narrows fields to the values the
+    route accepts ({struct name: {field: schema}}), e.g. a range its checks enforce after
+    decoding; other values still get their 4xx. `constraints` joins the body's own schema
+    (e.g. which fields go together). References are inlined (no recursive structs)."""
+    root = msgspec.json.schema(schema)
+    defs = root.pop("$defs", {})
+    for struct, fields in (documented or {}).items():
+        properties = defs[struct]["properties"]
+        for name, field_schema in fields.items():
+            if name not in properties:
+                raise KeyError(f"{struct} has no field {name}")
+            default = properties[name].get("default", msgspec.UNSET)
+            properties[name] = dict(field_schema)
+            if default is not msgspec.UNSET:
+                properties[name]["default"] = default
+
+    def inline(node):
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                rest = {k: v for k, v in node.items() if k != "$ref"}
+                return inline({**defs[ref.rsplit("/", 1)[1]], **rest})
+            out = {k: inline(v) for k, v in node.items()}
+            if out.get("required") == []:
+                del out["required"]
+            return out
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        return node
+
+    body_schema = inline(root)
+    body_schema.update(constraints or {})
+    body: dict[str, Any] = {"required": True, "content": {"application/json": {"schema": body_schema}}}
+    if description:
+        body["description"] = description
+    return {"requestBody": body}
+
+
 _MISSING = re.compile(r"^Object missing required field `(\w+)`")
 
 
