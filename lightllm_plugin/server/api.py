@@ -62,8 +62,12 @@ def create_app(
         body = shaped_error_body(request.url.path, 500, "internal server error")
         return Response(body, status_code=500, media_type="application/json")
 
-    @app.api_route("/health", methods=["GET", "HEAD"])
-    @app.api_route("/healthz", methods=["GET", "HEAD"])
+    # HEAD answers as GET does; it stays out of the OpenAPI document, where one route with both
+    # methods would give two operations the same operationId
+    @app.get("/health")
+    @app.get("/healthz")
+    @app.head("/health", include_in_schema=False)
+    @app.head("/healthz", include_in_schema=False)
     async def health():
         if client.alive and pipeline_alive():
             return JSONResponse({"status": "ok"})
