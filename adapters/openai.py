@@ -29,7 +29,13 @@ from lightllm_plugin.config import EngineConfig
 from lightllm_plugin.plugins import hookimpl
 from lightllm_plugin.sampling_params import SamplingParams
 from lightllm_plugin.server.engine_client import AsyncEngineClient, RequestRejected
-from lightllm_plugin.server.http_util import BadRequest, DisconnectAbortingStream, read_json_body
+from lightllm_plugin.server.http_util import (
+    BadRequest,
+    DisconnectAbortingStream,
+    json_body_openapi,
+    nullable,
+    read_json_body,
+)
 from lightllm_plugin.server.protocol import TokenOutput
 
 OWNER = "lightllm-plugin"
@@ -46,8 +52,10 @@ class ApiError(Exception):
         kind = "invalid_request_error" if self.status < 500 else "server_error"
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
-    def response(self) -> Response:
-        return Response(msgspec.json.encode(self.body()), status_code=self.status, media_type="application/json")
+    def response(self, headers: dict[str, str] | None = None) -> Response:
+        return Response(
+            msgspec.json.encode(self.body()), status_code=self.status, media_type="application/json", headers=headers
+        )
 
 
 _LEADING_NAME = re.compile(r"^`?([A-Za-z_][\w.\[\]]*)")
@@ -222,7 +230,7 @@ def _template_tool_call(call: Any) -> Any:
 def check_tools(tools: list[Any]) -> None:
     for i, tool in enumerate(tools):
         function = tool.get("function") if isinstance(tool, dict) else None
-        if tool.get("type", "function") != "function" or not isinstance(function, dict) or not isinstance(
+        if not isinstance(function, dict) or tool.get("type", "function") != "function" or not isinstance(
             function.get("name"), str
         ):
             raise ApiError(400, f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ...}}}}", "tools")
@@ -494,12 +502,12 @@ class OpenAIServer:
             first = await anext(outputs)
         except RequestRejected as exc:
             await outputs.aclose()
-            return invalid(exc.message, exc.status, job.renames).response()
+            return invalid(exc.message, exc.status, job.renames).response(exc.headers)
         if not job.stream:
             try:
                 return await respond(first, outputs)
             except RequestRejected as exc:
-                return invalid(exc.message, exc.status, job.renames).response()
+                return invalid(exc.message, exc.status, job.renames).response(exc.headers)
             finally:
                 await outputs.aclose()
 
@@ -721,11 +729,65 @@ class OpenAIServer:
         )
 
 
+# ---- the OpenAPI document -----------------------------------------------------------------
+TEXT_PART = {"type": "object", "required": ["type", "text"],
+             "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
+MESSAGE = {
+    "type": "object",
+    "required": ["role"],
+    "properties": {
+        "role": {"enum": list(_ROLES)},
+        # null only for an assistant message that carries tool_calls
+        "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": TEXT_PART}, {"type": "null"}]},
+        "name": {"type": "string"},
+        "tool_calls": {"type": "array", "items": {"type": "object"}},
+        "tool_call_id": {"type": "string"},
+    },
+}
+
+
+def request_body_docs() -> tuple[dict[str, Any], dict[str, Any]]:
+    """openapi_extra of /v1/completions and /v1/chat/completions: the bodies' structs, with
+    the values the checks after decoding accept. Documentation only."""
+    from lightllm_plugin.sampling_params import ACCEPTED
+    from lightllm_plugin.server.engine_client import MAX_SAMPLES
+
+    shared = {name: nullable(ACCEPTED[name]) for name in (
+        "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty",
+        "seed", "stop_token_ids", "stop")}
+    shared |= {
+        "max_tokens": nullable(ACCEPTED["max_new_tokens"]),
+        "min_tokens": nullable(ACCEPTED["min_new_tokens"]),
+        "n": nullable({"type": "integer", "minimum": 1, "maximum": MAX_SAMPLES}),
+        "logit_bias": nullable({"type": "object", "maxProperties": 0, "description": "not supported"}),
+    }
+    token_ids = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0, "maximum": 2**31 - 1}}
+    prompt = {"anyOf": [
+        {"type": "string", "minLength": 1},
+        {"type": "array", "minItems": 1, "items": {"type": "string"}},
+        token_ids,
+        {"type": "array", "minItems": 1, "items": token_ids},
+    ]}
+    completion = json_body_openapi(CompletionRequest, documented={"CompletionRequest": {
+        **shared, "prompt": prompt, "logprobs": nullable(ACCEPTED["logprobs"]),
+        "suffix": nullable({"type": "string", "maxLength": 0, "description": "not supported"}),
+    }})
+    chat = json_body_openapi(ChatRequest, documented={"ChatRequest": {
+        **shared,
+        "messages": {"type": "array", "minItems": 1, "items": MESSAGE},
+        "max_completion_tokens": nullable(ACCEPTED["max_new_tokens"]),
+        "top_logprobs": nullable(ACCEPTED["logprobs"]),
+        "tool_choice": nullable({"enum": ["auto", "none"]}),
+    }})
+    return completion, chat
+
+
 @hookimpl(tryfirst=True)
 def register_routes(app: FastAPI, engine: AsyncEngineClient, config: EngineConfig) -> None:
     """The built-in plugin "openai": the /v1 routes (see lightllm_plugin.plugins)."""
     server = OpenAIServer(engine, config)
     router = APIRouter(prefix="/v1")
+    completion_doc, chat_doc = request_body_docs()
 
     @router.get("/models")
     async def list_models():
@@ -737,11 +799,11 @@ def register_routes(app: FastAPI, engine: AsyncEngineClient, config: EngineConfi
             return ApiError(404, f"The model `{model_id}` does not exist", "model", "model_not_found").response()
         return Response(msgspec.json.encode(server.model_card()), media_type="application/json")
 
-    @router.post("/completions")
+    @router.post("/completions", openapi_extra=completion_doc)
     async def completions(request: Request):
         return await server.completions(request)
 
-    @router.post("/chat/completions")
+    @router.post("/chat/completions", openapi_extra=chat_doc)
     async def chat_completions(request: Request):
         return await server.chat_completions(request)
 

@@ -46,13 +46,21 @@ HELP = {
     "served_model_name": "the model's name as reported to clients (default: the model folder's or file's name)",
     "api_key": "require `Authorization: Bearer KEY` on every route but /health and /metrics "
     "(default: $LIGHTLLM_API_KEY, else no key)",
+    "max_queue_size": "most requests waiting for their first token; more are refused with 503 and "
+    "Retry-After (default: no bound)",
+    "max_body_size": "most bytes of one HTTP request body; more is refused with 413",
+    "request_timeout": "seconds one request may take before it is aborted (its KV slots freed) and "
+    "answered 504 (default: no limit)",
 }
 # vLLM's spellings of flags, accepted as well
 ALIASES = {"served_model_name": "--served-model-name", "api_key": "--api-key"}
 API_KEY_ENV = "LIGHTLLM_API_KEY"
 
 # fields only the HTTP server uses
-SERVER_FIELDS = {"host", "port", "tokenizer_workers", "served_model_name", "api_key"}
+SERVER_FIELDS = {
+    "host", "port", "tokenizer_workers", "served_model_name", "api_key",
+    "max_queue_size", "max_body_size", "request_timeout",
+}
 # fields whose flag takes any text: LazyLLM writes "--nccl_port=None" when it has no port to give
 TEXT_OR_NONE_FIELDS = {"nccl_port"}
 # LightLLM flags with no counterpart here: (name, takes a value)

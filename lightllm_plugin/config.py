@@ -52,6 +52,10 @@ class EngineConfig:
     tokenizer_workers: int = 1
     served_model_name: str | None = None  # None: the model folder's (or GGUF file's) name
     api_key: str | None = field(default=None, repr=False)  # None: no key asked for
+    # overload protection: requests not yet given their first token; None: no bound
+    max_queue_size: int | None = None
+    max_body_size: int = 8 * 1024 * 1024  # bytes of one HTTP request body
+    request_timeout: float | None = None  # seconds one request may run; None: no limit
 
     # discovered at run time
     total_slots: int = field(default=0, init=False)
@@ -91,6 +95,12 @@ class EngineConfig:
             raise ConfigError(f"tp must be >= 1, got {self.tp}")
         if not 0 < self.nccl_port < 65536:
             raise ConfigError(f"nccl_port must be a port number, got {self.nccl_port}")
+        if self.max_queue_size is not None and self.max_queue_size < 1:
+            raise ConfigError(f"max_queue_size must be >= 1, got {self.max_queue_size}")
+        if self.max_body_size < 1024:
+            raise ConfigError(f"max_body_size must be >= 1024 bytes, got {self.max_body_size}")
+        if self.request_timeout is not None and not self.request_timeout > 0:
+            raise ConfigError(f"request_timeout must be > 0 seconds, got {self.request_timeout}")
         if self.eos_id is not None and isinstance(self.eos_id, int):
             self.eos_id = [self.eos_id]
 

@@ -9,6 +9,31 @@ from __future__ import annotations
 import msgspec
 
 
+_INT32_MAX = 2**31 - 1  # counts and ids beyond this cannot cross a socket or reach a tensor
+
+
+# the values validate() accepts, as JSON Schema: the HTTP routes document their fields with them
+_INT = {"type": "integer"}
+_NUMBER = {"type": "number"}
+ACCEPTED = {
+    "temperature": {**_NUMBER, "minimum": 0},
+    "top_p": {**_NUMBER, "exclusiveMinimum": 0, "maximum": 1},
+    "top_k": {**_INT, "minimum": -1, "maximum": _INT32_MAX},
+    "min_p": {**_NUMBER, "minimum": 0, "maximum": 1},
+    "repetition_penalty": {**_NUMBER, "exclusiveMinimum": 0},
+    "presence_penalty": {**_NUMBER, "minimum": -2, "maximum": 2},
+    "frequency_penalty": {**_NUMBER, "minimum": -2, "maximum": 2},
+    "max_new_tokens": {**_INT, "minimum": 1, "maximum": _INT32_MAX},
+    "min_new_tokens": {**_INT, "minimum": 0, "maximum": _INT32_MAX},
+    # 64-bit signed; documented within +-2**53, which survives documents that hold numbers as floats
+    "seed": {**_INT, "minimum": -(2**53), "maximum": 2**53},
+    "logprobs": {**_INT, "minimum": 0, "maximum": 20},
+    "stop_token_ids": {"type": "array", "items": {**_INT, "minimum": 0, "maximum": _INT32_MAX}},
+    "stop": {"anyOf": [{"type": "string", "minLength": 1},
+                       {"type": "array", "items": {"type": "string", "minLength": 1}}]},
+}
+
+
 class SamplingParams(msgspec.Struct, kw_only=True):
     n: int = 1
     temperature: float = 1.0  # 0 means greedy
@@ -61,15 +86,19 @@ class SamplingParams(msgspec.Struct, kw_only=True):
             raise ValueError(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
         if not -2.0 <= self.frequency_penalty <= 2.0:
             raise ValueError(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if not isinstance(self.max_new_tokens, int) or not 1 <= self.max_new_tokens <= _INT32_MAX:
+            raise ValueError(f"max_new_tokens must be an integer in [1, {_INT32_MAX}], got {self.max_new_tokens!r}")
+        if self.top_k > _INT32_MAX:
+            raise ValueError(f"top_k must be <= {_INT32_MAX}, got {self.top_k}")
         if self.min_new_tokens < 0 or self.min_new_tokens > self.max_new_tokens:
             raise ValueError(
                 f"min_new_tokens must be in [0, max_new_tokens={self.max_new_tokens}], got {self.min_new_tokens}"
             )
+        if self.seed is not None and not (isinstance(self.seed, int) and -(2**63) <= self.seed < 2**63):
+            raise ValueError(f"seed must be a 64-bit signed integer, got {self.seed!r}")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise ValueError(f"logprobs must be in [0, 20], got {self.logprobs}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError("stop must be a list of non-empty strings")
-        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
-            raise ValueError("stop_token_ids must be non-negative integers")
+        if any(not isinstance(t, int) or not 0 <= t <= _INT32_MAX for t in self.stop_token_ids):
+            raise ValueError("stop_token_ids must be non-negative 32-bit integers")

@@ -181,6 +181,15 @@ class EngineCore:
             live.row = -1
         self.runner.drop_request(live.req_id)
 
+    def fail_running(self) -> list[int]:
+        """After step() raised: drop every request of the running batch (the step's requests),
+        freeing their slots and rows, and forget any queued step. Waiting requests stay."""
+        self._queued = None
+        failed = [r.req_id for r in self.scheduler.running]
+        for req_id in failed:
+            self.abort(req_id)
+        return failed
+
     # ---- the step ---------------------------------------------------------------------------
     def step(self) -> list[TokenEvent]:
         """Run one step and return its events.

@@ -7,11 +7,12 @@ import logging
 from collections.abc import Callable
 
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lightllm_plugin.config import EngineConfig
 from lightllm_plugin.server.engine_client import AsyncEngineClient
-from lightllm_plugin.server.http_util import RequireApiKey
+from lightllm_plugin.server.http_util import LimitBodySize, RequireApiKey, shaped_error_body
 
 logger = logging.getLogger(__name__)
 
@@ -44,11 +45,29 @@ def create_app(
     app.state.client = client
     app.state.config = config
     app.state.plugins = plugins
+    # added last runs first: the key is checked before a large body is read
+    app.add_middleware(LimitBodySize, max_bytes=config.max_body_size)
     if config.api_key:
         app.add_middleware(RequireApiKey, api_key=config.api_key, open_paths=OPEN_PATHS)
 
-    @app.api_route("/health", methods=["GET", "HEAD"])
-    @app.api_route("/healthz", methods=["GET", "HEAD"])
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, exc: StarletteHTTPException):
+        # unknown paths and methods: the error in the shape of the API the path belongs to
+        body = shaped_error_body(request.url.path, exc.status_code, str(exc.detail))
+        return Response(body, status_code=exc.status_code, media_type="application/json", headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request, exc: Exception):
+        # the traceback goes to the server's log (Starlette logs it), never to the client
+        body = shaped_error_body(request.url.path, 500, "internal server error")
+        return Response(body, status_code=500, media_type="application/json")
+
+    # HEAD answers as GET does; it stays out of the OpenAPI document, where one route with both
+    # methods would give two operations the same operationId
+    @app.get("/health")
+    @app.get("/healthz")
+    @app.head("/health", include_in_schema=False)
+    @app.head("/healthz", include_in_schema=False)
     async def health():
         if client.alive and pipeline_alive():
             return JSONResponse({"status": "ok"})

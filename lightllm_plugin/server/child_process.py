@@ -78,6 +78,25 @@ def open_socket(ctx: zmq.Context, kind: int, address: str, *, bind: bool) -> zmq
     return sock
 
 
+# the largest message a pipeline socket accepts; a legitimate one is a few prompts' token ids
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+_log = logging.getLogger("lightllm_plugin.server.sockets")
+
+
+def decode_or_drop(decoder, frame: bytes, where: str, max_bytes: int = MAX_MESSAGE_BYTES):
+    """The message a frame holds, or None after a log line when it is too large, not msgpack,
+    or not one of the structs this socket takes. Nothing is ever unpickled: a pickle payload
+    is just undecodable bytes here, and one bad frame must not take the process down."""
+    if len(frame) > max_bytes:
+        _log.warning("dropped a %d-byte message on the %s socket (limit %d)", len(frame), where, max_bytes)
+        return None
+    try:
+        return decoder.decode(frame)
+    except Exception as exc:  # msgspec.DecodeError / ValidationError, or anything odd in a hostile frame
+        _log.warning("dropped an unexpected message on the %s socket (%d bytes): %s", where, len(frame), exc)
+        return None
+
+
 def load_tokenizer_for(config):
     """The model's tokenizer, without loading the model."""
     from lightllm_plugin.models.tokenizer import load_tokenizer, resolve_model_path

@@ -189,7 +189,9 @@ def run_detokenizer(config: EngineConfig, addresses: Addresses, parent_pid: int)
                     frame = inbox.recv(zmq.NOBLOCK)
                 except zmq.Again:
                     break
-                detokenizer.handle(decoder.decode(frame), outputs, finished_by_stop)
+                msg = child_process.decode_or_drop(decoder, frame, "detokenizer")
+                if msg is not None:
+                    detokenizer.handle(msg, outputs, finished_by_stop)
             for req_id in finished_by_stop:
                 to_router.send(encoder.encode(FinishRequest(req_id=req_id)))
             if outputs:

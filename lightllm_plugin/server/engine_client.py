@@ -15,11 +15,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgspec
 import zmq
 import zmq.asyncio
 
 from lightllm_plugin.sampling_params import SamplingParams
+from lightllm_plugin.server.child_process import decode_or_drop
 from lightllm_plugin.server.metrics import ServerMetrics
 from lightllm_plugin.server.protocol import (
     AbortRequest,
@@ -40,10 +40,21 @@ logger = logging.getLogger(__name__)
 class RequestRejected(Exception):
     """The pipeline refused the request; `message` names the offending field."""
 
-    def __init__(self, message: str, status: int = 400):
+    def __init__(self, message: str, status: int = 400, retry_after: int | None = None):
         super().__init__(message)
         self.message = message
         self.status = status
+        self.retry_after = retry_after  # seconds, sent as Retry-After (503 when overloaded)
+
+    @property
+    def headers(self) -> dict[str, str] | None:
+        return None if self.retry_after is None else {"Retry-After": str(self.retry_after)}
+
+
+# samples of one request: each is an engine request of its own
+MAX_SAMPLES = 128
+# what an overloaded server asks a client to wait before retrying (the OpenAI SDK honours it)
+RETRY_AFTER_S = 1
 
 
 @dataclass
@@ -60,9 +71,21 @@ class _Group:
 
 
 class AsyncEngineClient:
-    def __init__(self, addresses: Addresses, metrics: ServerMetrics | None = None):
+    def __init__(
+        self,
+        addresses: Addresses,
+        metrics: ServerMetrics | None = None,
+        *,
+        max_queue_size: int | None = None,
+        request_timeout: float | None = None,
+    ):
         self.addresses = addresses
         self.metrics = metrics or ServerMetrics()
+        self.max_queue_size = max_queue_size
+        self.request_timeout = request_timeout
+        # engine requests accepted here that have not had their first token yet: queued in the
+        # tokenizer, waiting in the router, or in their prefill. --max_queue_size bounds them.
+        self._waiting: set[int] = set()
         self.stats = EngineStats(0, 0, 0, 0)
         self._groups: dict[int, _Group] = {}
         self._ids = itertools.count()
@@ -138,7 +161,20 @@ class AsyncEngineClient:
         """
         if self._failure is not None:
             raise RequestRejected(self._failure, 503)
+        if params.n > MAX_SAMPLES:
+            self.metrics.requests_rejected.inc(status="400")
+            raise RequestRejected(f"n must be <= {MAX_SAMPLES}, got {params.n}", 400)
+        if self.max_queue_size is not None and len(self._waiting) >= self.max_queue_size:
+            self.metrics.requests_rejected.inc(status="503")
+            raise RequestRejected(
+                f"the server is overloaded: {len(self._waiting)} requests are waiting to start "
+                f"(max_queue_size={self.max_queue_size}); retry later",
+                503,
+                retry_after=RETRY_AFTER_S,
+            )
         req_ids = [next(self._ids) for _ in range(params.n)]
+        self._waiting.update(req_ids)
+        deadline = None if self.request_timeout is None else time.monotonic() + self.request_timeout
         group = _Group(index_of={r: i for i, r in enumerate(req_ids)}, arrival=time.perf_counter())
         group.unfinished.update(req_ids)
         for req_id in req_ids:
@@ -156,9 +192,24 @@ class AsyncEngineClient:
             lower_max_new_tokens=lower_max_new_tokens,
         )
         try:
-            await self._to_tokenizer.send(encoder.encode(request))
+            try:
+                frame = encoder.encode(request)
+            except OverflowError:  # a number no field check caught: refuse it, do not 500
+                raise RequestRejected("a number in the request is out of range", 400) from None
+            await self._to_tokenizer.send(frame)
             while group.unfinished:
-                item = await group.queue.get()
+                if deadline is None:
+                    item = await group.queue.get()
+                else:
+                    try:
+                        item = await asyncio.wait_for(group.queue.get(), max(0.0, deadline - time.monotonic()))
+                    except asyncio.TimeoutError:
+                        # the finally below aborts the unfinished samples, which frees their slots
+                        self.metrics.requests_rejected.inc(status="504")
+                        raise RequestRejected(
+                            f"the request ran longer than request_timeout={self.request_timeout:g}s and was aborted",
+                            504,
+                        ) from None
                 if isinstance(item, RequestError):
                     # refused samples hold nothing in the engine; only their siblings need aborting
                     group.unfinished -= set(item.req_ids) or set(group.unfinished)
@@ -169,6 +220,7 @@ class AsyncEngineClient:
                     group.unfinished.discard(item.req_id)
                 yield group.index_of[item.req_id], item
         finally:
+            self._waiting.difference_update(req_ids)
             for req_id in req_ids:
                 self._groups.pop(req_id, None)
             # a sample whose last token arrived but was not read (its client left) has ended in
@@ -190,10 +242,8 @@ class AsyncEngineClient:
         decoder = decoder_for(ApiInbox)
         while True:
             frame = await self._from_pipeline.recv()
-            try:
-                msg = decoder.decode(frame)
-            except msgspec.DecodeError:
-                logger.exception("dropping an undecodable pipeline message")
+            msg = decode_or_drop(decoder, frame, "api")
+            if msg is None:
                 continue
             if isinstance(msg, OutputBatch):
                 now = time.perf_counter()
@@ -206,6 +256,7 @@ class AsyncEngineClient:
                     group.queue.put_nowait(msg)
 
     def _deliver(self, output: TokenOutput, now: float) -> None:
+        self._waiting.discard(output.req_id)
         group = self._groups.get(output.req_id)
         if group is None:
             return  # aborted while this token was on its way

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import zmq
 
 from lightllm_plugin.config import EngineConfig
-from lightllm_plugin.server.child_process import open_socket
+from lightllm_plugin.server.child_process import decode_or_drop, open_socket
 from lightllm_plugin.server.detokenizer import run_detokenizer
 from lightllm_plugin.server.protocol import Addresses, ControlInbox, Limits, Ready, decoder_for, encoder
 from lightllm_plugin.server.router import run_router
@@ -118,8 +118,9 @@ class Pipeline:
         reports: dict[str, Ready] = {}
         while roles - reports.keys():
             if control.poll(200):
-                ready = decoder.decode(control.recv())
-                reports[ready.role] = ready
+                ready = decode_or_drop(decoder, control.recv(), "control")
+                if ready is not None:
+                    reports[ready.role] = ready
             dead = self.first_dead()
             if dead is not None:
                 raise ChildDied(dead)
@@ -282,7 +283,9 @@ def serve(config: EngineConfig, plugins=None) -> int:
         config.resolved_dtype, config.resolved_device = ready.dtype, ready.device
         say(f"model {ready.model_path} ready on {ready.device} ({ready.dtype}), {ready.total_slots} KV token slots")
 
-        client = AsyncEngineClient(Addresses(run_dir))
+        client = AsyncEngineClient(
+            Addresses(run_dir), max_queue_size=config.max_queue_size, request_timeout=config.request_timeout
+        )
         try:
             app = create_app(client, config, pipeline.all_alive, plugins)
         except PluginError as exc:

@@ -17,7 +17,14 @@ from fastapi.responses import JSONResponse
 from lightllm_plugin.plugins import hookimpl
 from lightllm_plugin.sampling_params import SamplingParams
 from lightllm_plugin.server.engine_client import AsyncEngineClient, RequestRejected
-from lightllm_plugin.server.http_util import BadRequest, DisconnectAbortingStream, error_response, read_json_body
+from lightllm_plugin.server.http_util import (
+    BadRequest,
+    DisconnectAbortingStream,
+    error_response,
+    json_body_openapi,
+    nullable,
+    read_json_body,
+)
 from lightllm_plugin.server.protocol import TokenOutput
 
 
@@ -121,10 +128,41 @@ async def _parse(request: Request) -> tuple[dict[str, Any], SamplingParams, bool
     return prompt, params, bool(parameters.return_details)
 
 
+def request_body_doc() -> dict[str, Any]:
+    """openapi_extra of /generate and /generate_stream: the body's struct, with the values
+    the checks after decoding accept. Documentation only."""
+    from lightllm_plugin.sampling_params import ACCEPTED
+    from lightllm_plugin.server.engine_client import MAX_SAMPLES
+
+    parameters = {name: nullable(ACCEPTED[name]) for name in (
+        "temperature", "top_p", "top_k", "repetition_penalty", "presence_penalty", "frequency_penalty",
+        "max_new_tokens", "min_new_tokens", "seed")}
+    parameters["stop_sequences"] = nullable(ACCEPTED["stop"])
+    parameters["n"] = nullable({"type": "integer", "minimum": 1, "maximum": MAX_SAMPLES,
+                                "description": "1 on /generate_stream"})
+    message = {"type": "object", "required": ["role", "content"],
+               "properties": {"role": {"enum": ["system", "user", "assistant"]}, "content": {"type": "string"}}}
+    return json_body_openapi(
+        NativeRequest,
+        "LightLLM's request: `inputs` (text) or `messages` (a chat), and `parameters`",
+        documented={
+            "NativeRequest": {
+                "inputs": {"type": "string", "minLength": 1},
+                "messages": {"type": "array", "minItems": 1, "items": message},
+            },
+            "NativeParameters": parameters,
+        },
+        # one of the two, never both
+        constraints={"oneOf": [{"required": ["inputs"], "not": {"required": ["messages"]}},
+                               {"required": ["messages"], "not": {"required": ["inputs"]}}]},
+    )
+
+
 def native_routes(client: AsyncEngineClient) -> APIRouter:
     router = APIRouter()
+    body_doc = request_body_doc()
 
-    @router.post("/generate")
+    @router.post("/generate", openapi_extra=body_doc)
     async def generate(request: Request):
         try:
             prompt, params, return_details = await _parse(request)
@@ -146,7 +184,7 @@ def native_routes(client: AsyncEngineClient) -> APIRouter:
                 if return_details:
                     details[index].append(token_details(out))
         except RequestRejected as exc:
-            return error_response(exc.status, exc.message)
+            return error_response(exc.status, exc.message, exc.headers)
         result: dict[str, Any] = {
             "generated_text": texts,
             "count_output_tokens": sum(counts),
@@ -159,7 +197,7 @@ def native_routes(client: AsyncEngineClient) -> APIRouter:
             result["tokens"] = details[0] if n == 1 else details
         return JSONResponse(result)
 
-    @router.post("/generate_stream")
+    @router.post("/generate_stream", openapi_extra=body_doc)
     async def generate_stream(request: Request):
         try:
             prompt, params, _ = await _parse(request)
@@ -174,7 +212,7 @@ def native_routes(client: AsyncEngineClient) -> APIRouter:
             first = await anext(outputs)
         except RequestRejected as exc:
             await outputs.aclose()
-            return error_response(exc.status, exc.message)
+            return error_response(exc.status, exc.message, exc.headers)
 
         async def events():
             try:

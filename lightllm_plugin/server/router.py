@@ -64,6 +64,17 @@ class Router:
         elif isinstance(msg, FinishRequest):
             self.core.finish(msg.req_id)
 
+    def handle_safely(self, msg) -> None:
+        """One message whose handling fails (a hostile or buggy peer) must not stop the router."""
+        try:
+            self.handle(msg)
+        except Exception as exc:
+            logger.exception("dropped a %s the router could not handle", type(msg).__name__)
+            if isinstance(msg, AddRequest):
+                self.core.abort(msg.req_id)
+                error = RequestError(req_ids=[msg.req_id], message=f"the request could not be started: {exc}", status=500)
+                self.to_api.send(encoder.encode(error))
+
     def _add(self, msg: AddRequest) -> None:
         if self.early_aborts.pop(msg.req_id, None) is not None:
             return
@@ -100,7 +111,9 @@ class Router:
                         frame = inbox.recv(zmq.NOBLOCK)
                     except zmq.Again:
                         break
-                    self.handle(decoder.decode(frame))
+                    msg = child_process.decode_or_drop(decoder, frame, "router")
+                    if msg is not None:
+                        self.handle_safely(msg)
             if core.has_unfinished():
                 self.step()
                 self.report_stats()
@@ -110,7 +123,16 @@ class Router:
 
     # ---- stepping --------------------------------------------------------------------
     def step(self) -> None:
-        events = self.core.step()
+        try:
+            events = self.core.step()
+        except Exception as exc:  # the model worker failed: fail this step's requests, keep serving
+            failed = self.core.fail_running()
+            logger.exception("a step failed; failing its %d requests", len(failed))
+            if failed:
+                self.to_detokenizer.send(encoder.encode(DetokenizeForget(req_ids=failed)))
+                message = f"the model failed while running this request ({type(exc).__name__})"
+                self.to_api.send(encoder.encode(RequestError(req_ids=failed, message=message, status=500)))
+            return
         if events:
             self.to_detokenizer.send(encoder.encode(TokenBatch(events=events)))
 
@@ -122,6 +144,26 @@ class Router:
             return
         self.to_api.send(encoder.encode(stats))
         self._last_stats, self._last_stats_time = stats, now
+
+
+# TEST ONLY: a step holding a request with this seed raises, as a failing model worker would
+FAULT_SEED_ENV = "LIGHTLLM_PLUGIN_TEST_FAULT_SEED"
+
+
+class InjectedFault(RuntimeError):
+    pass
+
+
+def install_test_fault(core, seed: int) -> None:
+    """Make the worker's launch raise for any step that holds a request seeded `seed`."""
+    launch = core.runner.launch
+
+    def faulty_launch(entries, *args, **kwargs):
+        if any(e.sampler.params.seed == seed for e in entries):
+            raise InjectedFault(f"injected fault ({FAULT_SEED_ENV}={seed})")
+        return launch(entries, *args, **kwargs)
+
+    core.runner.launch = faulty_launch
 
 
 def warm_up(core) -> None:
@@ -159,6 +201,9 @@ def run_router(config: EngineConfig, addresses: Addresses, parent_pid: int) -> N
         else:
             core = EngineCore(config, progress=True)
         warm_up(core)
+        if os.environ.get(FAULT_SEED_ENV):
+            logger.warning("TEST FAULT INJECTION ON: steps with seed %s will fail", os.environ[FAULT_SEED_ENV])
+            install_test_fault(core, int(os.environ[FAULT_SEED_ENV]))
         control.send(
             encoder.encode(
                 Ready(

@@ -113,7 +113,8 @@ def expand_samples(req: TokenizeRequest, ids: list[int]) -> list[AddRequest]:
     """n samples become n engine requests; a seeded request gives sample i the seed + i."""
     adds = []
     for i, req_id in enumerate(req.req_ids):
-        seed = None if req.params.seed is None else req.params.seed + i
+        # wrapped into the signed 64-bit range the seed was checked against
+        seed = None if req.params.seed is None else (req.params.seed + i + 2**63) % 2**64 - 2**63
         params = msgspec.structs.replace(req.params, n=1, seed=seed)
         adds.append(AddRequest(req_id=req_id, prompt_ids=ids, params=params))
     return adds
@@ -124,12 +125,12 @@ def handle(tokenizer, req: TokenizeRequest, config: EngineConfig) -> list[AddReq
         ids, params = fit_prompt(
             encode_prompt(tokenizer, req), req.params, config, req.field, req.lower_max_new_tokens
         )
+        return expand_samples(msgspec.structs.replace(req, params=params), ids)
     except ValueError as exc:
         return RequestError(req_ids=req.req_ids, message=str(exc))
     except Exception as exc:  # one odd input must not take the pipeline down
         logger.exception("tokenizing request %s failed", req.req_ids[:1])
-        return RequestError(req_ids=req.req_ids, message=f"tokenization failed: {exc}", status=500)
-    return expand_samples(msgspec.structs.replace(req, params=params), ids)
+        return RequestError(req_ids=req.req_ids, message=f"tokenization failed ({type(exc).__name__})", status=500)
 
 
 def wait_for_limits(limits_pipe: Connection, parent_pid: int) -> Limits:
@@ -159,7 +160,9 @@ def run_tokenizer(
         while child_process.parent_alive(parent_pid):
             if not inbox.poll(1000):
                 continue
-            req = decoder.decode(inbox.recv())
+            req = child_process.decode_or_drop(decoder, inbox.recv(), "tokenizer")
+            if req is None:
+                continue
             result = handle(tokenizer, req, config)
             if isinstance(result, RequestError):
                 to_api.send(encoder.encode(result))
