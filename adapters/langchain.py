@@ -257,7 +257,7 @@ class _LightLLMCommon(BaseModel):
     def _ls_common(self, kind: str, stop: list[str] | None, kwargs: dict[str, Any]) -> LangSmithParams:
         params = LangSmithParams(
             ls_provider="lightllm",
-            ls_model_name=self.model or self.model_dir or self._served_name or "default",
+            ls_model_name=kwargs.get("model") or self.model or self.model_dir or self._served_name or "default",
             ls_model_type=kind,
         )
         temperature = kwargs.get("temperature", self.temperature)
