@@ -82,7 +82,12 @@ class HookSpecs:
     def register_models(self, register) -> None:
         """Declare model architectures: ``register(architecture, model_class)``, where
         ``architecture`` is the name in a checkpoint's ``config.json`` ``architectures``
-        (e.g. ``"LlamaForCausalLM"``)."""
+        (e.g. ``"LlamaForCausalLM"``). The loader (models/loader.py) builds the class of a
+        checkpoint's architecture from this registry, as ``model_class(model_config, dtype)``
+        on the meta device, and fills it from Llama-family checkpoint names (so a plugin's
+        class is typically a ``LlamaFamilyModel`` subclass); an architecture nobody registered
+        is refused with the registered ones listed. The first registration of a name wins, and
+        the built-in ones come first."""
 
 
 class PluginError(RuntimeError):
