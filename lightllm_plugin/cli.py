@@ -277,12 +277,13 @@ def plugins_main(argv: list[str]) -> int:
                                      description="List the loaded plugins, their versions and the hooks each implements.")
     parser.add_argument(SKIP_BROKEN_FLAG, action="store_true", help="list the others when a plugin fails to load")
     args = parser.parse_args(argv)
-    from lightllm_plugin.plugins import collect_commands, collect_models, load_plugins
+    from lightllm_plugin.plugins import collect_adapters, collect_commands, collect_models, load_plugins
 
     try:
         pm = load_plugins(skip_broken=args.skip_broken_plugins or skip_broken_requested())
         commands = collect_commands(pm)
         models = collect_models(pm)
+        adapters = collect_adapters(pm)
     except PluginError as exc:
         print(f"lightllm-plugin: error: {exc}", file=sys.stderr)
         return 1
@@ -295,6 +296,10 @@ def plugins_main(argv: list[str]) -> int:
         print(f"{name}: BROKEN, skipped: {error}")
     print("commands: " + ", ".join(f"{c.name} ({c.plugin})" for c in commands.values()))
     print("model architectures: " + ", ".join(models))
+    # client-side adapters: whether their library is installed, read from metadata (not imported)
+    print("adapters:" + ("" if adapters else " -"))
+    for a in adapters.values():
+        print(f"  {a.name} ({a.plugin}): {a.status()}; import {a.module}" + (f": {a.summary}" if a.summary else ""))
     return 0
 
 

@@ -17,7 +17,9 @@ are the hooks below. It may take any subset of a hook's arguments, by name:
     my_plugin = "my_plugin"
 
 Loading. The built-in plugins (``BUILTIN_PLUGINS``: the native API, the OpenAI routes,
-the CLI commands, the model architectures) always load. Third-party plugins come from the
+the LangChain and LazyLLM adapters, the CLI commands, the model architectures) always load.
+The LangChain and LazyLLM ones are light modules declaring their adapter through
+``register_adapters``: loading them imports neither langchain_core nor lazyllm. Third-party plugins come from the
 ``lightllm_plugin`` entry-point group; ``LIGHTLLM_PLUGINS=name1,name2`` loads only those
 (an empty value loads none). A plugin that fails to import, or whose hook raises, stops
 the command with an error naming it (``PluginError``), unless broken plugins are to be
@@ -56,6 +58,8 @@ BUILTIN_PLUGINS = {
     "models": "lightllm_plugin.models.registry",
     "native": "lightllm_plugin.server.native",
     "openai": "lightllm_plugin.adapters.openai",
+    "langchain": "lightllm_plugin.adapters.langchain_hooks",
+    "lazyllm": "lightllm_plugin.adapters.lazyllm_hooks",
 }
 
 
@@ -82,7 +86,24 @@ class HookSpecs:
     def register_models(self, register) -> None:
         """Declare model architectures: ``register(architecture, model_class)``, where
         ``architecture`` is the name in a checkpoint's ``config.json`` ``architectures``
-        (e.g. ``"LlamaForCausalLM"``)."""
+        (e.g. ``"LlamaForCausalLM"``). The loader (models/loader.py) builds the class of a
+        checkpoint's architecture from this registry, as ``model_class(model_config, dtype)``
+        on the meta device, and fills it from Llama-family checkpoint names (so a plugin's
+        class is typically a ``LlamaFamilyModel`` subclass); an architecture nobody registered
+        is refused with the registered ones listed. The first registration of a name wins, and
+        the built-in ones come first."""
+
+
+    @hookspec
+    def register_adapters(self, register) -> None:
+        """Declare a client-side adapter, one that runs in the user's program (LangChain model
+        classes, a LazyLLM deploy method) rather than adding routes to the server:
+        ``register(name, module, requires=(), extra=None, summary="")``. ``module`` is what
+        users import; ``requires`` the distributions it needs, as requirement strings
+        (``"langchain-core>=0.3"``); ``extra`` the ``lightllm-plugin[extra]`` that installs
+        them. Nothing is imported: ``lightllm-plugin plugins`` reports each adapter as
+        available or not from the installed distributions' metadata, so an adapter whose
+        library is heavy or missing costs the server nothing."""
 
 
 class PluginError(RuntimeError):
@@ -228,3 +249,81 @@ def collect_models(pm: PluginManager) -> dict[str, Any]:
     registry = ModelRegistry()
     pm.call_each("register_models", register=registry)
     return registry.architectures
+
+
+@dataclass
+class Adapter:
+    """A client-side adapter declared through ``register_adapters``."""
+
+    name: str
+    module: str
+    requires: tuple[str, ...] = ()
+    extra: str | None = None
+    summary: str = ""
+    plugin: str = "?"
+
+    def missing(self) -> list[str]:
+        """The requirements not met by what is installed (read from metadata, nothing imported)."""
+        return [req for req in self.requires if not _requirement_met(req)]
+
+    @property
+    def available(self) -> bool:
+        return not self.missing()
+
+    def status(self) -> str:
+        missing = self.missing()
+        if not missing:
+            found = ", ".join(f"{_requirement_name(r)} {_installed_version(_requirement_name(r))}" for r in self.requires)
+            return f"available ({found})" if found else "available"
+        hint = f"pip install 'lightllm-plugin[{self.extra}]'" if self.extra else "pip install " + " ".join(
+            repr(r) for r in missing)
+        parts = []
+        for req in missing:
+            version = _installed_version(_requirement_name(req))
+            parts.append(req if version is None else f"{req} ({version} installed)")
+        return f"unavailable: needs {', '.join(parts)} ({hint})"
+
+
+def _requirement_name(requirement: str) -> str:
+    name = requirement.strip()
+    for i, ch in enumerate(name):
+        if not (ch.isalnum() or ch in "-_."):
+            return name[:i]
+    return name
+
+
+def _installed_version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _requirement_met(requirement: str) -> bool:
+    version = _installed_version(_requirement_name(requirement))
+    if version is None:
+        return False
+    try:
+        from packaging.requirements import Requirement  # transformers' dependency
+    except ImportError:  # pragma: no cover - without packaging, any installed version does
+        return True
+    return Requirement(requirement).specifier.contains(version, prereleases=True)
+
+
+class AdapterRegistry:
+    """What ``register_adapters`` receives."""
+
+    def __init__(self):
+        self.adapters: dict[str, Adapter] = {}
+        self.plugin = "?"  # set by collect_adapters while each plugin's hook runs
+
+    def __call__(self, name: str, module: str, requires=(), extra: str | None = None, summary: str = "") -> None:
+        if name in self.adapters:
+            raise ValueError(f"adapter {name!r} is already declared by plugin {self.adapters[name].plugin!r}")
+        self.adapters[name] = Adapter(name, module, tuple(requires), extra, summary, self.plugin)
+
+
+def collect_adapters(pm: PluginManager) -> dict[str, Adapter]:
+    registry = AdapterRegistry()
+    pm.call_each("register_adapters", lambda name: setattr(registry, "plugin", name), register=registry)
+    return registry.adapters

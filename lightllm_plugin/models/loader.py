@@ -3,6 +3,10 @@
 Each checkpoint tensor is read once, converted to the target dtype and assigned in
 place of its meta parameter, so no second full copy of the weights ever exists.
 q/k/v and gate/up are fused as they arrive; only one layer's pieces wait at a time.
+
+The model class comes from the plugins' `register_models` hook (architecture name -> class;
+the built-in Llama family is models/registry.py): the plugins are loaded once per model load,
+by `load_model` / `load_checkpoint`, or handed over as `models=` (e.g. `registered_models(pm)`).
 """
 
 from __future__ import annotations
@@ -10,9 +14,10 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from glob import glob
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -45,6 +50,32 @@ _RENAMED = {
     "self_attn.q_norm.weight": "q_norm",
     "self_attn.k_norm.weight": "k_norm",
 }
+
+
+def registered_models(plugins=None) -> dict[str, Any]:
+    """Architecture name -> model class, from every loaded plugin's `register_models` hook.
+    `plugins`: a loaded PluginManager (default: load them now, honouring LIGHTLLM_PLUGINS and
+    LIGHTLLM_PLUGINS_SKIP_BROKEN as the server does)."""
+    from lightllm_plugin.plugins import collect_models, load_plugins
+
+    return collect_models(load_plugins() if plugins is None else plugins)
+
+
+def model_class_for(architecture: str, models: Mapping[str, Any]) -> Any:
+    """The class registered for `architecture`; an unknown one is a ValueError that lists
+    the registered architectures."""
+    model_class = models.get(architecture)
+    if model_class is None:
+        raise ValueError(
+            f"no model class is registered for architecture {architecture!r}; registered: "
+            f"{', '.join(models) or '(none)'} (a plugin adds one through its register_models hook)"
+        )
+    return model_class
+
+
+def model_config_from_hf(hf_config: dict, models: Mapping[str, Any]) -> ModelConfig:
+    """The ModelConfig of an HF config dict, accepting the architectures `models` registers."""
+    return ModelConfig.from_hf_dict(hf_config, architectures=models)
 
 
 def read_hf_config(model_dir: str) -> dict:
@@ -151,16 +182,22 @@ def build_model(
     total: int | None = None,
     progress: bool = True,
     tp: TPGroup | None = None,
+    models: Mapping[str, Any] | None = None,
 ) -> tuple[LlamaFamilyModel, ModelConfig]:
     """The model filled from `tensors`, and its ModelConfig. With `tp`, this rank's part of it:
-    its share of heads and MLP columns (the returned config), cut from the tensors as they stream."""
+    its share of heads and MLP columns (the returned config), cut from the tensors as they stream.
+    The class is the one registered for `model_cfg.architecture` in `models` (default: the
+    plugins' registry, loaded now); it is built as `cls(config, dtype)` on the meta device and
+    filled from Llama-family checkpoint names, so a plugin's class is a LlamaFamilyModel
+    subclass or has its parameter names."""
+    model_class = model_class_for(model_cfg.architecture, registered_models() if models is None else models)
     local_cfg = model_cfg
     if tp is not None:
         shard = plan_shard(model_cfg, tp.rank, tp.world)
         local_cfg = shard_model_config(model_cfg, shard)
         tensors = shard_tensors(tensors, model_cfg, shard)
     with torch.device("meta"):
-        model = LlamaFamilyModel(local_cfg, dtype)
+        model = model_class(local_cfg, dtype)
     if tp is not None:
         install_parallel_modules(model, model_cfg, shard, tp, dtype)
     load_weights(model, tensors, device, total=total, progress=progress)
@@ -169,20 +206,23 @@ def build_model(
 
 
 def load_model(kind: str, path: str, dtype: torch.dtype, device: torch.device, max_positions: int, progress=True,
-               tp: TPGroup | None = None):
+               tp: TPGroup | None = None, models: Mapping[str, Any] | None = None):
     """Returns (model, ModelConfig) for an HF folder (kind "hf") or a GGUF file (kind "gguf");
-    with `tp`, this rank's part and its config."""
+    with `tp`, this rank's part and its config. `models`: architecture -> class (default:
+    `registered_models()`, the plugins loaded once here)."""
+    models = registered_models() if models is None else models
     if kind == "hf":
-        model_cfg = ModelConfig.from_hf_dict(read_hf_config(path))
+        model_cfg = model_config_from_hf(read_hf_config(path), models)
         tensors = iter_safetensors(path, dtype)
         total = safetensors_count(path)
     else:
         from lightllm_plugin.models.gguf import gguf_model_config, gguf_tensor_count, iter_gguf_tensors
 
-        model_cfg = ModelConfig.from_hf_dict(gguf_model_config(path))
+        model_cfg = model_config_from_hf(gguf_model_config(path), models)
         tensors = iter_gguf_tensors(path, dtype=dtype)
         total = gguf_tensor_count(path)
-    return build_model(model_cfg, tensors, dtype, device, max(max_positions, 1), total=total, progress=progress, tp=tp)
+    return build_model(model_cfg, tensors, dtype, device, max(max_positions, 1), total=total, progress=progress, tp=tp,
+                       models=models)
 
 
 @dataclass
@@ -198,7 +238,10 @@ class InMemoryCheckpoint:
 def load_checkpoint(
     checkpoint: InMemoryCheckpoint, dtype: torch.dtype, device: torch.device, max_positions: int, progress=True,
     tp: TPGroup | None = None,
+    models: Mapping[str, Any] | None = None,
 ):
-    model_cfg = ModelConfig.from_hf_dict(checkpoint.hf_config)
+    models = registered_models() if models is None else models
+    model_cfg = model_config_from_hf(checkpoint.hf_config, models)
     tensors = ((name, t.to(dtype)) for name, t in checkpoint.tensors)
-    return build_model(model_cfg, tensors, dtype, device, max(max_positions, 1), progress=progress, tp=tp)
+    return build_model(model_cfg, tensors, dtype, device, max(max_positions, 1), progress=progress, tp=tp,
+                       models=models)

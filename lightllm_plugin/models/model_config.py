@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,13 +39,19 @@ class ModelConfig:
     bos_token_id: int | None = None
 
     @classmethod
-    def from_hf_dict(cls, cfg: dict[str, Any]) -> "ModelConfig":
+    def from_hf_dict(cls, cfg: dict[str, Any], architectures: Iterable[str] | None = None) -> "ModelConfig":
+        """The config of `cfg` (an HF config.json dict). `architectures`: the names accepted
+        (the loader passes the plugins' registry, see models/registry.py; default: the
+        built-in SUPPORTED_ARCHITECTURES); the first of the checkpoint's `architectures`
+        among them is the one used. Whatever the name, the fields are read as a Llama-family
+        model's."""
+        known = tuple(SUPPORTED_ARCHITECTURES if architectures is None else architectures)
         archs = cfg.get("architectures") or []
-        arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        arch = next((a for a in archs if a in known), None)
         if arch is None:
             raise ValueError(
                 f"unsupported architecture {archs or cfg.get('model_type')!r}; "
-                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+                f"registered: {', '.join(known) or '(none)'}"
             )
         if cfg.get("mlp_bias"):
             raise ValueError("unsupported model: mlp_bias=True")
