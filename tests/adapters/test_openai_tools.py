@@ -10,72 +10,19 @@ import os
 import httpx
 import openai
 import pytest
+from tiny_tools_model import WEATHER
 
 KEY = "sk-test-4f1c"
 NAME = "tiny-qwen-tools"
-# a Hermes/Qwen-style template: the tools go into the system turn, calls are <tool_call> JSON
-TEMPLATE = """\
-{%- if tools %}<|im_start|>system
-You may call these functions:
-<tools>
-{%- for tool in tools %}
-{{ tool | tojson }}
-{%- endfor %}
-</tools>
-Call one as <tool_call>{"name": ..., "arguments": ...}</tool_call><|im_end|>
-{% endif %}
-{%- for message in messages %}
-{%- if message.role == "assistant" and message.tool_calls %}<|im_start|>assistant
-{%- for call in message.tool_calls %}
-<tool_call>{"name": "{{ call.function.name }}", "arguments": {{ call.function.arguments | tojson }}}</tool_call>
-{%- endfor %}<|im_end|>
-{% elif message.role == "tool" %}<|im_start|>user
-<tool_response>{{ message.content }}</tool_response><|im_end|>
-{% else %}<|im_start|>{{ message.role }}
-{{ message.content }}<|im_end|>
-{% endif %}
-{%- endfor %}
-{%- if add_generation_prompt %}<|im_start|>assistant
-{% endif %}"""
-
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The weather in a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-    },
-}
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> str:
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    from lightllm_plugin.models.tokenizer import load_tokenizer
-
-    folder = tmp_path_factory.mktemp("models") / "tiny-qwen2"
-    tokenizer = load_tokenizer(None)
-    tokenizer.chat_template = TEMPLATE
-    tokenizer.save_pretrained(folder)
-    config = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-    )
-    torch.manual_seed(0)
-    Qwen2ForCausalLM(config).to(torch.float32).save_pretrained(folder)
-    return str(folder)
-
-
-@pytest.fixture(scope="module")
-def server(launch_server, tiny_model):
+def server(launch_server, tiny_tools_model):
     old = os.environ.get("LIGHTLLM_API_KEY")
     os.environ["LIGHTLLM_API_KEY"] = KEY
     try:
-        return launch_server("--model_dir", tiny_model, "--served-model-name", NAME)
+        return launch_server("--model_dir", tiny_tools_model, "--served-model-name", NAME)
     finally:
         if old is None:
             del os.environ["LIGHTLLM_API_KEY"]

@@ -153,8 +153,11 @@ def _openai_cases(model):
         (*chat(logit_bias={"1": 5}), 400, ["logit_bias"]),
         (*chat(response_format={"type": "xml"}), 400, ["response_format"]),
         # a request-supplied chat template is rendered in the sandbox: no attribute escape
-        (*chat(chat_template_kwargs={"chat_template": "{{ ''.__class__.__mro__[1].__subclasses__() }}"}), 400, ["unsafe"]),
-        (*chat(chat_template_kwargs={"chat_template": "{{ cycler.__init__.__globals__.os.system('id') }}"}), 400, ["messages"]),
+        # a request may not replace the model's template (the sandbox is shown below for the model's own)
+        (*chat(chat_template_kwargs={"chat_template": "{{ ''.__class__.__mro__[1].__subclasses__() }}"}), 400,
+         ["chat_template_kwargs", "chat_template cannot be set"]),
+        (*chat(chat_template_kwargs={"chat_template": "{{ cycler.__init__.__globals__.os.system('id') }}"}), 400,
+         ["chat_template_kwargs", "chat_template cannot be set"]),
         ("/v1/completions", {"prompt": "hi"}, 422, ["model"]),
         (*chat(stop_token_ids=[2**40]), 400, ["stop_token_ids"]),
         (*comp(top_k=2**40), 400, ["top_k"]),
@@ -365,7 +368,8 @@ def test_killing_a_child_stops_the_server_naming_it(launch_server, role):
 
 
 def test_sandboxed_chat_template_blocks_escapes_in_the_tokenizer():
-    """The tokenizer process renders templates through transformers' ImmutableSandboxedEnvironment."""
+    """The tokenizer process renders templates through transformers' ImmutableSandboxedEnvironment,
+    so a hostile template shipped with a model cannot reach Python's internals."""
     from lightllm_plugin.models.tokenizer import load_tokenizer
     from lightllm_plugin.server.protocol import TokenizeRequest
     from lightllm_plugin.sampling_params import SamplingParams
@@ -374,8 +378,8 @@ def test_sandboxed_chat_template_blocks_escapes_in_the_tokenizer():
     tokenizer = load_tokenizer(None)
     for template in ("{{ ''.__class__.__mro__ }}", "{% set x = [].append(1) %}{{ x }}",
                      "{{ lipsum.__globals__['os'].popen('id').read() }}"):
-        req = TokenizeRequest(req_ids=[0], params=SamplingParams(), messages=[{"role": "user", "content": "hi"}],
-                              chat_template_kwargs={"chat_template": template})
+        tokenizer.chat_template = template
+        req = TokenizeRequest(req_ids=[0], params=SamplingParams(), messages=[{"role": "user", "content": "hi"}])
         with pytest.raises(ValueError, match="chat template could not render"):
             encode_prompt(tokenizer, req)
 
