@@ -15,7 +15,6 @@ def register_adapters(register) -> None:
     register(
         "langchain",
         "lightllm_plugin.adapters.langchain",
-        requires=("langchain-core>=0.3",),
         extra="langchain",
         summary="LightLLM (an LLM) and ChatLightLLM (a chat model) over the /v1 routes",
     )

@@ -17,7 +17,6 @@ def register_adapters(register) -> None:
     register(
         "lazyllm",
         "lightllm_plugin.adapters.lazyllm",
-        requires=("lazyllm>=1.4,<1.5",),
         extra="lazyllm",
         summary="lazyllm.deploy.lightllm runs this engine (import the module first)",
     )

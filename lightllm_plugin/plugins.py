@@ -101,7 +101,7 @@ class HookSpecs:
         ``register(name, module, requires=(), extra=None, summary="")``. ``module`` is what
         users import; ``requires`` the distributions it needs, as requirement strings
         (``"langchain-core>=0.3"``); ``extra`` the ``lightllm-plugin[extra]`` that installs
-        them. Nothing is imported: ``lightllm-plugin plugins`` reports each adapter as
+        them (with no ``requires``, the extra's requirements in this package's metadata are used). Nothing is imported: ``lightllm-plugin plugins`` reports each adapter as
         available or not from the installed distributions' metadata, so an adapter whose
         library is heavy or missing costs the server nothing."""
 
@@ -262,9 +262,14 @@ class Adapter:
     summary: str = ""
     plugin: str = "?"
 
+    def requirements(self) -> tuple[str, ...]:
+        """`requires`, or when none were given, what this package's `extra` installs (read from
+        its metadata, so pyproject.toml is the one place the versions are written)."""
+        return self.requires or (extra_requirements(self.extra) if self.extra else ())
+
     def missing(self) -> list[str]:
         """The requirements not met by what is installed (read from metadata, nothing imported)."""
-        return [req for req in self.requires if not _requirement_met(req)]
+        return [req for req in self.requirements() if not _requirement_met(req)]
 
     @property
     def available(self) -> bool:
@@ -273,7 +278,7 @@ class Adapter:
     def status(self) -> str:
         missing = self.missing()
         if not missing:
-            found = ", ".join(f"{_requirement_name(r)} {_installed_version(_requirement_name(r))}" for r in self.requires)
+            found = ", ".join(f"{_requirement_name(r)} {_installed_version(_requirement_name(r))}" for r in self.requirements())
             return f"available ({found})" if found else "available"
         hint = f"pip install 'lightllm-plugin[{self.extra}]'" if self.extra else "pip install " + " ".join(
             repr(r) for r in missing)
@@ -282,6 +287,29 @@ class Adapter:
             version = _installed_version(_requirement_name(req))
             parts.append(req if version is None else f"{req} ({version} installed)")
         return f"unavailable: needs {', '.join(parts)} ({hint})"
+
+
+DISTRIBUTION = "lightllm-plugin"
+
+
+def extra_requirements(extra: str) -> tuple[str, ...]:
+    """The requirements `pip install 'lightllm-plugin[extra]'` adds, from the installed metadata
+    (none when the package runs uninstalled, from a source tree)."""
+    try:
+        requires = importlib.metadata.requires(DISTRIBUTION) or []
+    except importlib.metadata.PackageNotFoundError:
+        return ()
+    try:
+        from packaging.requirements import Requirement  # transformers' dependency
+    except ImportError:  # pragma: no cover
+        return ()
+    found = []
+    for line in requires:
+        req = Requirement(line)
+        if req.marker is not None and req.marker.evaluate({"extra": extra}) and not req.marker.evaluate({"extra": ""}):
+            req.marker = None
+            found.append(str(req))
+    return tuple(found)
 
 
 def _requirement_name(requirement: str) -> str:

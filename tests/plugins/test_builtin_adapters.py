@@ -30,6 +30,10 @@ def test_langchain_and_lazyllm_are_builtin_plugins(monkeypatch):
     assert adapters["langchain"].module == "lightllm_plugin.adapters.langchain"
     assert adapters["lazyllm"].module == "lightllm_plugin.adapters.lazyllm"
     assert adapters["langchain"].plugin == "langchain" and adapters["lazyllm"].extra == "lazyllm"
+    # their requirements are the extras' in pyproject.toml, read from the installed metadata
+    assert adapters["lazyllm"].requirements() == P.extra_requirements("lazyllm")
+    assert any(r.startswith("lazyllm") for r in adapters["lazyllm"].requirements())
+    assert any(r.startswith("langchain-core") for r in adapters["langchain"].requirements())
     # their status follows what is installed (the test extra installs both)
     assert adapters["langchain"].available == _installed("langchain-core")
     assert adapters["lazyllm"].available == _installed("lazyllm")
