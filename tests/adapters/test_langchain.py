@@ -5,7 +5,6 @@ the LLM class."""
 from __future__ import annotations
 
 import asyncio
-import json
 
 import pytest
 
