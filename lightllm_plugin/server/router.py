@@ -132,6 +132,12 @@ class Router:
                 self.to_detokenizer.send(encoder.encode(DetokenizeForget(req_ids=failed)))
                 message = f"the model failed while running this request ({type(exc).__name__})"
                 self.to_api.send(encoder.encode(RequestError(req_ids=failed, message=message, status=500)))
+            if self.core.config.tp > 1:
+                # the other ranks may be inside this step's collectives waiting for this one: the
+                # group is out of step for good, so the router ends and the server with it
+                logger.critical("a failed step leaves the %d tensor-parallel ranks out of step; stopping",
+                                self.core.config.tp)
+                raise
             return
         if events:
             self.to_detokenizer.send(encoder.encode(TokenBatch(events=events)))
@@ -160,6 +166,10 @@ def install_test_fault(core, seed: int) -> None:
 
     def faulty_launch(entries, *args, **kwargs):
         if any(e.sampler.params.seed == seed for e in entries):
+            sender = core.runner.plan_sender
+            if sender is not None:
+                # as a fault inside the forward would: the other ranks already have the step's plan
+                sender.send(core.runner._pack(entries, all_logits=False))
             raise InjectedFault(f"injected fault ({FAULT_SEED_ENV}={seed})")
         return launch(entries, *args, **kwargs)
 
