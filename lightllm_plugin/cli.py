@@ -44,7 +44,7 @@ HELP = {
     "nccl_port": "port on 127.0.0.1 where the tensor-parallel ranks meet (used when --tp > 1)",
     "tokenizer_workers": "number of tokenizer processes",
     "served_model_name": "the model's name as reported to clients (default: the model folder's or file's name)",
-    "api_key": "require `Authorization: Bearer KEY` on every route but /health and /metrics "
+    "api_key": "require `Authorization: Bearer KEY` on every route but /health and /healthz "
     "(default: $LIGHTLLM_API_KEY, else no key)",
     "max_queue_size": "most requests waiting for their first token; more are refused with 503 and "
     "Retry-After (default: no bound)",

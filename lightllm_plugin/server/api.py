@@ -16,8 +16,10 @@ from lightllm_plugin.server.http_util import LimitBodySize, RequireApiKey, shape
 
 logger = logging.getLogger(__name__)
 
-# routes that --api_key leaves open: probes and scrapers carry no key
-OPEN_PATHS = frozenset({"/health", "/healthz", "/metrics"})
+# routes that --api_key leaves open: liveness probes carry no key. /metrics is not among them:
+# its counts describe the traffic, and Prometheus sends a bearer token (`authorization` in a
+# scrape config)
+OPEN_PATHS = frozenset({"/health", "/healthz"})
 
 
 def create_app(

@@ -36,7 +36,7 @@ def client(server):
         yield c
 
 
-def test_a_wrong_or_missing_key_is_refused_and_probes_stay_open(server):
+def test_a_wrong_or_missing_key_is_refused_and_only_the_probes_stay_open(server):
     for key in ("sk-wrong", KEY + "x", KEY[:-1]):
         with openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0, timeout=30) as bad:
             with pytest.raises(openai.AuthenticationError) as info:
@@ -45,8 +45,22 @@ def test_a_wrong_or_missing_key_is_refused_and_probes_stay_open(server):
     missing = httpx.get(server.url + "/v1/models", timeout=30)
     assert missing.status_code == 401 and missing.json()["error"]["type"] == "invalid_request_error"
     assert httpx.post(server.url + "/generate", json={"inputs": "hi"}, timeout=30).status_code == 401
-    for path in ("/health", "/healthz", "/metrics"):
+    for path in ("/health", "/healthz"):
         assert httpx.get(server.url + path, timeout=30).status_code == 200
+    assert httpx.get(server.url + "/metrics", timeout=30).status_code == 401
+    with_key = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
+    assert with_key.status_code == 200 and "# TYPE lightllm_" in with_key.text
+
+
+def test_every_route_but_the_probes_needs_the_key(server):
+    """Every operation of the OpenAPI document, and the document itself, answers 401 without the key."""
+    doc = httpx.get(server.url + "/openapi.json", headers={"Authorization": f"Bearer {KEY}"}, timeout=30).json()
+    operations = [(method.upper(), path) for path, item in doc["paths"].items() for method in item]
+    assert len(operations) >= 8, operations  # the native routes, /v1 and /metrics at least
+    for method, path in operations + [("GET", "/openapi.json"), ("GET", "/docs")]:
+        path = path.replace("{model}", NAME).replace("{model_id}", NAME)
+        status = httpx.request(method, server.url + path, timeout=30).status_code
+        assert status == (200 if path in ("/health", "/healthz") else 401), (method, path, status)
 
 
 def test_the_served_model_name_is_the_one_given(client):
