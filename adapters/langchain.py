@@ -44,6 +44,7 @@ try:
     from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult, GenerationChunk
     from langchain_core.runnables import Runnable
     from langchain_core.tools import BaseTool
+    from langchain_core.utils import from_env, secret_from_env
     from langchain_core.utils.function_calling import convert_to_openai_tool
     from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr
 except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -108,8 +109,9 @@ def _stop_process(proc: subprocess.Popen) -> None:
 class _LightLLMCommon(BaseModel):
     model_config = ConfigDict(populate_by_name=True, arbitrary_types_allowed=True, protected_namespaces=())
 
-    base_url: str | None = None
-    """A running server's OpenAI base URL (`http://host:port/v1`; the bare `http://host:port` works too)."""
+    base_url: str | None = Field(default_factory=from_env("LIGHTLLM_BASE_URL", default=None))
+    """A running server's OpenAI base URL (`http://host:port/v1`; the bare `http://host:port` works
+    too). Default: $LIGHTLLM_BASE_URL, else none (the model starts its own server)."""
     model: str | None = Field(default=None, alias="model_name")
     """The model name sent with each request (default: the one the server serves). With no
     base_url and no model_dir, also the model the owned server loads."""
@@ -117,7 +119,8 @@ class _LightLLMCommon(BaseModel):
     """Start and own a server for this model (HF folder or GGUF file) when base_url is not given."""
     server_args: list[str] = Field(default_factory=list)
     """Extra `lightllm-plugin serve` flags for an owned server."""
-    api_key: SecretStr | None = None
+    api_key: SecretStr | None = Field(default_factory=secret_from_env("LIGHTLLM_API_KEY", default=None))
+    """Sent as a bearer token. Default: $LIGHTLLM_API_KEY (the variable the server reads its key from)."""
     temperature: float | None = None
     max_tokens: int | None = None
     top_p: float | None = None

@@ -55,6 +55,11 @@ class TestChatLightLLMUnit(ChatModelUnitTests):
     def has_structured_output(self) -> bool:
         return True
 
+    @property
+    def init_from_env_params(self) -> tuple[dict, dict, dict]:
+        return ({"LIGHTLLM_BASE_URL": "http://127.0.0.1:9/v1", "LIGHTLLM_API_KEY": "sk-env"}, {"model": "m"},
+                {"base_url": "http://127.0.0.1:9/v1", "api_key": "sk-env"})
+
 
 class TestChatLightLLMIntegration(ChatModelIntegrationTests):
     @property
