@@ -85,6 +85,19 @@ class ServerProcess:
                 self.proc.wait(5)
         return self.proc.returncode
 
+    def wait_ended_by(self, message: str, timeout: float) -> int:
+        """After one of its processes died: the exit code, once the server has exited within
+        `timeout` s, non-zero and printing `message`, leaving no process and no run directory."""
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"server still running {timeout}s after {message!r} should have ended it:\n{self.output}")
+        assert code != 0
+        assert message in self.output
+        assert self.leftover_processes(timeout=10) == []
+        assert self.run_dir and not os.path.exists(self.run_dir)
+        return code
+
     def reap(self) -> list[int]:
         """Kill whatever the server left behind; the pids that were still alive."""
         alive = self.leftover_processes(timeout=10)
@@ -121,6 +134,17 @@ def metric(server: ServerProcess, name: str) -> float:
         if line.startswith(name + " ") or line.startswith(name + "{"):
             return float(line.rsplit(" ", 1)[1])
     raise KeyError(name)
+
+
+def slots_drain(server: ServerProcess, timeout: float = 20.0) -> bool:
+    """Whether, within `timeout` s, no KV slot is used and no request is running or waiting."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (metric(server, "lightllm_kv_slots_used") == 0 and metric(server, "lightllm_num_requests_running") == 0
+                and metric(server, "lightllm_num_requests_waiting") == 0):
+            return True
+        time.sleep(0.2)
+    return False
 
 
 def sse_events(lines) -> list[dict]:

@@ -26,7 +26,7 @@ hypothesis = pytest.importorskip("hypothesis")
 from schemathesis.checks import not_a_server_error  # noqa: E402
 from schemathesis.generation import GenerationMode  # noqa: E402
 
-from live_server import metric  # noqa: E402
+from live_server import metric, slots_drain  # noqa: E402
 
 EXAMPLES = int(os.environ.get("LIGHTLLM_FUZZ_EXAMPLES", "25"))  # per operation and mode
 SEED = os.environ.get("LIGHTLLM_FUZZ_SEED")
@@ -144,7 +144,5 @@ def test_fuzzing_every_operation_from_the_openapi_document_gives_no_5xx_and_no_h
     # the valid requests reached the model: some generations were answered with 200
     assert statuses.get(200, 0) > 0
     assert httpx.get(server.url + "/health", timeout=10).json() == {"status": "ok"}
-    deadline = time.monotonic() + 20
-    while metric(server, "lightllm_kv_slots_used") != 0 and time.monotonic() < deadline:
-        time.sleep(0.2)
+    assert slots_drain(server)
     assert metric(server, "lightllm_kv_slots_used") == 0

@@ -30,7 +30,7 @@ import httpx
 import psutil
 import pytest
 
-from live_server import metric
+from live_server import metric, slots_drain
 
 CLIENTS = 64
 ROUND_S = float(os.environ.get("LIGHTLLM_LOAD_ROUND_S", "30"))  # two rounds: 60 s of load in all
@@ -178,16 +178,6 @@ def _finished_total(server) -> float:
                if line.startswith("lightllm_requests_finished_total{"))
 
 
-def _drained(server, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if (metric(server, "lightllm_kv_slots_used") == 0 and metric(server, "lightllm_num_requests_running") == 0
-                and metric(server, "lightllm_num_requests_waiting") == 0):
-            return True
-        time.sleep(0.2)
-    return False
-
-
 def _round(server, model) -> dict:
     outcomes: list = []
     failures: list = []
@@ -202,7 +192,7 @@ def _round(server, model) -> dict:
 
     asyncio.run(run())
     took = time.monotonic() - start
-    assert _drained(server), "KV slots or requests still held after the round"
+    assert slots_drain(server, timeout=30.0), "KV slots or requests still held after the round"
     # every request the clients started reached an end the server counted (finished or aborted)
     started = len(outcomes)
     deadline = time.monotonic() + 10

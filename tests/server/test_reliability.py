@@ -7,7 +7,6 @@ import asyncio
 import json
 import os
 import pickle
-import subprocess
 import time
 
 import httpx
@@ -15,7 +14,7 @@ import msgspec
 import pytest
 import zmq
 
-from live_server import metric
+from live_server import metric, slots_drain
 from lightllm_plugin.server.router import FAULT_SEED_ENV
 
 FAULT_SEED = 4242
@@ -38,15 +37,6 @@ def server(launch_server):
 @pytest.fixture(scope="module")
 def model(server) -> str:
     return httpx.get(server.url + "/v1/models", timeout=10).json()["data"][0]["id"]
-
-
-def slots_drain(server, timeout=20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if metric(server, "lightllm_kv_slots_used") == 0 and metric(server, "lightllm_num_requests_running") == 0:
-            return True
-        time.sleep(0.2)
-    return False
 
 
 def error_text(path: str, response: httpx.Response) -> str:
@@ -356,14 +346,7 @@ def test_killing_a_child_stops_the_server_naming_it(launch_server, role):
     child = victim.child(role)
     start = time.monotonic()
     child.kill()
-    try:
-        code = victim.proc.wait(10)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"server still running 10s after its {role} died")
-    assert code != 0
-    assert f"{role} process (pid {child.pid}) was killed by signal SIGKILL" in victim.output
-    assert victim.leftover_processes(timeout=10) == []
-    assert not os.path.exists(victim.run_dir)
+    code = victim.wait_ended_by(f"{role} process (pid {child.pid}) was killed by signal SIGKILL", timeout=10)
     print(f"{role}: server exited {code} in {time.monotonic() - start:.1f}s")
 
 

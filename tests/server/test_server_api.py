@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from live_server import metric, sse_events
+from live_server import metric, slots_drain, sse_events
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 TIMEOUT = httpx.Timeout(120.0)
@@ -145,16 +145,7 @@ def test_stop_sequence_cuts_exactly_before_it(server, chat_prompt, reference_ans
         events = stream(server, body)
         assert "".join(e["token"]["text"] for e in events) == want
         assert events[-1]["finish_reason"] == "stop"
-    assert _slots_drain(server)
-
-
-def _slots_drain(server, timeout=20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if metric(server, "lightllm_kv_slots_used") == 0 and metric(server, "lightllm_num_requests_running") == 0:
-            return True
-        time.sleep(0.2)
-    return False
+    assert slots_drain(server)
 
 
 def test_dropping_the_connection_mid_stream_frees_the_slots(server):
@@ -179,7 +170,7 @@ def test_dropping_the_connection_mid_stream_frees_the_slots(server):
             time.sleep(0.05)
     finally:
         sock.close()
-    assert _slots_drain(server), "slots not freed after the client went away"
+    assert slots_drain(server), "slots not freed after the client went away"
     assert _abort_count(server) == aborted_before + 1
 
 
@@ -241,4 +232,4 @@ def test_metrics_count_requests_tokens_and_latencies(server):
         assert name in text, name
     assert metric(server, "lightllm_kv_slots_total") == 8192
     assert metric(server, "lightllm_generation_tokens_total") > 0
-    assert _slots_drain(server), "slots still in use after every request ended"
+    assert slots_drain(server), "slots still in use after every request ended"
