@@ -38,14 +38,12 @@ def server(launch_server):
     return s
 
 
-class TestChatLightLLMUnit(ChatModelUnitTests):
+class ChatLightLLMCapabilities:
+    """What both standard suites are told about ChatLightLLM."""
+
     @property
     def chat_model_class(self):
         return ChatLightLLM
-
-    @property
-    def chat_model_params(self) -> dict:
-        return {"base_url": "http://127.0.0.1:9/v1", "model": "m", "temperature": 0}
 
     @property
     def has_tool_calling(self) -> bool:
@@ -54,6 +52,12 @@ class TestChatLightLLMUnit(ChatModelUnitTests):
     @property
     def has_structured_output(self) -> bool:
         return True
+
+
+class TestChatLightLLMUnit(ChatLightLLMCapabilities, ChatModelUnitTests):
+    @property
+    def chat_model_params(self) -> dict:
+        return {"base_url": "http://127.0.0.1:9/v1", "model": "m", "temperature": 0}
 
     @property
     def init_from_env_params(self) -> tuple[dict, dict, dict]:
@@ -61,26 +65,14 @@ class TestChatLightLLMUnit(ChatModelUnitTests):
                 {"base_url": "http://127.0.0.1:9/v1", "api_key": "sk-env"})
 
 
-class TestChatLightLLMIntegration(ChatModelIntegrationTests):
-    @property
-    def chat_model_class(self):
-        return ChatLightLLM
-
+class TestChatLightLLMIntegration(ChatLightLLMCapabilities, ChatModelIntegrationTests):
     @property
     def chat_model_params(self) -> dict:
         return {"base_url": SERVER["url"], "temperature": 0, "max_tokens": 48}
 
     @property
-    def has_tool_calling(self) -> bool:
-        return True
-
-    @property
     def has_tool_choice(self) -> bool:
         return False  # the server cannot force a call
-
-    @property
-    def has_structured_output(self) -> bool:
-        return True
 
     @property
     def supports_json_mode(self) -> bool:
