@@ -101,9 +101,10 @@ class HookSpecs:
         ``register(name, module, requires=(), extra=None, summary="")``. ``module`` is what
         users import; ``requires`` the distributions it needs, as requirement strings
         (``"langchain-core>=0.3"``); ``extra`` the ``lightllm-plugin[extra]`` that installs
-        them (with no ``requires``, the extra's requirements in this package's metadata are used). Nothing is imported: ``lightllm-plugin plugins`` reports each adapter as
-        available or not from the installed distributions' metadata, so an adapter whose
-        library is heavy or missing costs the server nothing."""
+        them (with no ``requires``, that extra's requirements in this package's metadata).
+        Nothing is imported: ``lightllm-plugin plugins`` reports each adapter as available or
+        not from the installed distributions' metadata, so an adapter whose library is heavy
+        or missing costs the server nothing."""
 
 
 class PluginError(RuntimeError):
