@@ -21,7 +21,8 @@ from lightllm_plugin.adapters.langchain import ChatLightLLM, LightLLM, chat_chun
 
 SERVER: dict[str, str] = {}
 NO_TOOLS = ("the default model's (SmolLM2-135M) chat template takes no tools, so the server answers 400; "
-            "the tool plumbing is covered by test_tool_call_plumbing and tests/adapters/test_openai_tools.py")
+            "the tool path is shown by test_langchain_tools.py (a tiny model whose template takes tools) "
+            "and test_tool_call_plumbing")
 XFAIL = {name: NO_TOOLS for name in (
     "test_tool_calling", "test_tool_calling_async", "test_bind_runnables_as_tools",
     "test_tool_message_histories_string_content", "test_tool_message_histories_list_content",
