@@ -34,6 +34,7 @@ from lightllm_plugin.server.http_util import (
     DisconnectAbortingStream,
     json_body_openapi,
     nullable,
+    openai_error,
     read_json_body,
 )
 from lightllm_plugin.server.protocol import TokenOutput
@@ -49,8 +50,7 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.code = status, message, param, code
 
     def body(self) -> dict[str, Any]:
-        kind = "invalid_request_error" if self.status < 500 else "server_error"
-        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+        return openai_error(self.status, self.message, self.param, self.code)
 
     def response(self, headers: dict[str, str] | None = None) -> Response:
         return Response(

@@ -31,17 +31,22 @@ def error_response(status: int, message: str, headers: dict[str, str] | None = N
 OPENAI_PREFIX = "/v1/"
 
 
+def openai_error(status: int, message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    """OpenAI's error object; its type follows the status, as the OpenAI SDK expects."""
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
 def shaped_error_body(path: str, status: int, message: str, code: str | None = None) -> bytes:
     """An error in the shape of the route it answers, for code that runs before any route
     (middleware, exception handlers): OpenAI's nested object under /v1/, else LightLLM's flat one."""
     if path.startswith(OPENAI_PREFIX):
-        kind = "invalid_request_error" if status < 500 else "server_error"
-        return json.dumps({"error": {"message": message, "type": kind, "param": None, "code": code}}).encode()
+        return json.dumps(openai_error(status, message, code=code)).encode()
     return json.dumps({"error": message}).encode()
 
 
-async def send_error(send, path: str, status: int, message: str, code: str | None = None, headers=()) -> None:
-    body = shaped_error_body(path, status, message, code)
+async def send_json(send, status: int, body: bytes, headers=()) -> None:
+    """A whole JSON response from ASGI middleware, which runs before FastAPI's responses exist."""
     await send(
         {
             "type": "http.response.start",
@@ -51,6 +56,10 @@ async def send_error(send, path: str, status: int, message: str, code: str | Non
         }
     )
     await send({"type": "http.response.body", "body": body})
+
+
+async def send_error(send, path: str, status: int, message: str, code: str | None = None, headers=()) -> None:
+    await send_json(send, status, shaped_error_body(path, status, message, code), headers)
 
 
 DRAIN_FACTOR = 4
@@ -226,22 +235,6 @@ class RequireApiKey:
         given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
         if hmac.compare_digest(given, self.expected):
             return await self.app(scope, receive, send)
-        body = json.dumps(
-            {
-                "error": {
-                    "message": "Incorrect or missing API key: send `Authorization: Bearer <key>`",
-                    "type": "invalid_request_error",
-                    "param": None,
-                    "code": "invalid_api_key",
-                }
-            }
-        ).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 401,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"www-authenticate", b"Bearer")],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        message = "Incorrect or missing API key: send `Authorization: Bearer <key>`"
+        body = json.dumps(openai_error(401, message, code="invalid_api_key")).encode()
+        await send_json(send, 401, body, [(b"www-authenticate", b"Bearer")])
