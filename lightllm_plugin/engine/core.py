@@ -17,10 +17,10 @@ from lightllm_plugin.engine.memory import SlotFreeList
 from lightllm_plugin.engine.outputs import TokenEvent
 from lightllm_plugin.engine.runner import ModelRunner, StepEntry
 from lightllm_plugin.engine.sampling import PendingSample, SamplerRow, has_penalty
-from lightllm_plugin.engine.scheduler import Scheduler, SchedRequest
+from lightllm_plugin.engine.scheduler import SchedRequest, Scheduler
 from lightllm_plugin.engine.step_plan import PlanSender
-from lightllm_plugin.engine.tensor_parallel import TPGroup
 from lightllm_plugin.models.loader import InMemoryCheckpoint
+from lightllm_plugin.models.tensor_parallel import TPGroup
 from lightllm_plugin.sampling_params import SamplingParams
 
 

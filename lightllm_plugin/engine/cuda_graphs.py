@@ -19,8 +19,7 @@ from collections.abc import Callable
 
 import torch
 
-from lightllm_plugin.engine.memory import QuantizedKVCache
-from lightllm_plugin.models.llama import AttentionMetadata
+from lightllm_plugin.models.kv_cache import AttentionMetadata, QuantizedKVCache
 
 logger = logging.getLogger(__name__)
 

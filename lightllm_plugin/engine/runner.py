@@ -14,13 +14,26 @@ import torch
 
 from lightllm_plugin.config import EngineConfig
 from lightllm_plugin.engine.cuda_graphs import DecodeGraphs
-from lightllm_plugin.engine.memory import QuantizedKVCache, allocate_kv_pool, kv_bytes_per_token, profiled_slot_count
+from lightllm_plugin.engine.memory import (
+    allocate_kv_pool,
+    kv_bytes_per_token,
+    profiled_slot_count,
+)
 from lightllm_plugin.engine.req_table import ReqTable
-from lightllm_plugin.engine.sampling import PendingSample, SampleResult, SamplerRow, launch_sample
+from lightllm_plugin.engine.sampling import (
+    PendingSample,
+    SampleResult,
+    SamplerRow,
+    launch_sample,
+)
 from lightllm_plugin.engine.step_plan import PlanSender, StepPlan
-from lightllm_plugin.engine.tensor_parallel import TPGroup
-from lightllm_plugin.models.llama import AttentionMetadata
-from lightllm_plugin.models.loader import InMemoryCheckpoint, load_checkpoint, load_model
+from lightllm_plugin.models.kv_cache import AttentionMetadata, QuantizedKVCache
+from lightllm_plugin.models.loader import (
+    InMemoryCheckpoint,
+    load_checkpoint,
+    load_model,
+)
+from lightllm_plugin.models.tensor_parallel import TPGroup
 
 logger = logging.getLogger(__name__)
 

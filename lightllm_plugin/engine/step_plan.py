@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import zmq
 
-from lightllm_plugin.server.child_process import open_socket
+from lightllm_plugin.ipc import open_socket
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import torch
 from lightllm_plugin.config import EngineConfig
 from lightllm_plugin.engine.runner import ModelRunner, resolve_device_and_dtype
 from lightllm_plugin.engine.step_plan import PlanReceiver, PlanSender, plan_address
-from lightllm_plugin.engine.tensor_parallel import TPGroup
+from lightllm_plugin.models.tensor_parallel import TPGroup
 
 PLAN_POLL_MS = 500  # how often an idle rank checks that it should go on
 

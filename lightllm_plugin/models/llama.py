@@ -9,31 +9,18 @@ Projections are fused (qkv, gate_up) so each layer runs four matmuls.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from lightllm_plugin.engine.memory import QuantizedKVCache
 from lightllm_plugin.kernels.kv_scatter import kv_scatter
 from lightllm_plugin.kernels.one_row_linear import one_row_linear
 from lightllm_plugin.kernels.rmsnorm import rmsnorm
 from lightllm_plugin.kernels.rotary import rotary
 from lightllm_plugin.kernels.silu_and_mul import silu_and_mul
 from lightllm_plugin.kernels.token_attention import token_attention
+from lightllm_plugin.models.kv_cache import AttentionMetadata, QuantizedKVCache
 from lightllm_plugin.models.model_config import ModelConfig
-
-
-@dataclass
-class AttentionMetadata:
-    """Where each packed token's K/V goes and which slots each request attends to."""
-
-    req_to_token: torch.Tensor  # [max_reqs, max_len]
-    b_req_idx: torch.Tensor  # [B]
-    b_seq_len: torch.Tensor  # [B] tokens in KV after this step
-    b_q_start: torch.Tensor  # [B]
-    b_q_len: torch.Tensor  # [B]
-    out_slots: torch.Tensor  # [T] slot of each new token
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:

@@ -22,15 +22,15 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from lightllm_plugin.engine.tensor_parallel import (
+from lightllm_plugin.models.llama import LlamaFamilyModel
+from lightllm_plugin.models.model_config import ModelConfig
+from lightllm_plugin.models.tensor_parallel import (
     TPGroup,
     install_parallel_modules,
     plan_shard,
     shard_model_config,
     shard_tensors,
 )
-from lightllm_plugin.models.llama import LlamaFamilyModel
-from lightllm_plugin.models.model_config import ModelConfig
 
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 # checkpoint names -> (our name, fused piece index) for the fused projections
@@ -216,7 +216,11 @@ def load_model(kind: str, path: str, dtype: torch.dtype, device: torch.device, m
         tensors = iter_safetensors(path, dtype)
         total = safetensors_count(path)
     else:
-        from lightllm_plugin.models.gguf import gguf_model_config, gguf_tensor_count, iter_gguf_tensors
+        from lightllm_plugin.models.gguf import (
+            gguf_model_config,
+            gguf_tensor_count,
+            iter_gguf_tensors,
+        )
 
         model_cfg = model_config_from_hf(gguf_model_config(path), models)
         tensors = iter_gguf_tensors(path, dtype=dtype)

@@ -1,9 +1,8 @@
 """What every pipeline child process does the same way: tie its life to the parent's,
-name itself, and open its ZMQ sockets."""
+name itself, log in one format."""
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import logging
 import os
@@ -11,7 +10,6 @@ import signal
 import sys
 import threading
 
-import zmq
 from tqdm import tqdm
 
 _PR_SET_PDEATHSIG = 1
@@ -53,48 +51,6 @@ def _exit_now(signum, frame) -> None:
 
 def parent_alive(parent_pid: int) -> bool:
     return os.getppid() == parent_pid
-
-
-@contextlib.contextmanager
-def zmq_context():
-    ctx = zmq.Context()
-    try:
-        yield ctx
-    finally:
-        ctx.destroy(linger=0)
-
-
-def open_socket(ctx: zmq.Context, kind: int, address: str, *, bind: bool) -> zmq.Socket:
-    sock = ctx.socket(kind)
-    # unbounded queues: a full queue would block a sender, and two processes that both
-    # send to each other (router <-> detokenizer) could then deadlock
-    sock.setsockopt(zmq.SNDHWM, 0)
-    sock.setsockopt(zmq.RCVHWM, 0)
-    sock.setsockopt(zmq.LINGER, 0)
-    if bind:
-        sock.bind(address)
-    else:
-        sock.connect(address)
-    return sock
-
-
-# the largest message a pipeline socket accepts; a legitimate one is a few prompts' token ids
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-_log = logging.getLogger("lightllm_plugin.server.sockets")
-
-
-def decode_or_drop(decoder, frame: bytes, where: str, max_bytes: int = MAX_MESSAGE_BYTES):
-    """The message a frame holds, or None after a log line when it is too large, not msgpack,
-    or not one of the structs this socket takes. Nothing is ever unpickled: a pickle payload
-    is just undecodable bytes here, and one bad frame must not take the process down."""
-    if len(frame) > max_bytes:
-        _log.warning("dropped a %d-byte message on the %s socket (limit %d)", len(frame), where, max_bytes)
-        return None
-    try:
-        return decoder.decode(frame)
-    except Exception as exc:  # msgspec.DecodeError / ValidationError, or anything odd in a hostile frame
-        _log.warning("dropped an unexpected message on the %s socket (%d bytes): %s", where, len(frame), exc)
-        return None
 
 
 def load_tokenizer_for(config):

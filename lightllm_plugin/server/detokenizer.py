@@ -12,6 +12,7 @@ import os
 
 import zmq
 
+from lightllm_plugin import ipc
 from lightllm_plugin.config import EngineConfig
 from lightllm_plugin.engine.outputs import TokenEvent
 from lightllm_plugin.server import child_process
@@ -171,11 +172,11 @@ def run_detokenizer(config: EngineConfig, addresses: Addresses, parent_pid: int)
     child_process.bootstrap("detokenizer", parent_pid)
     detokenizer = Detokenizer(child_process.load_tokenizer_for(config))
     # a context left with open sockets would block the exit once the parent is gone
-    with child_process.zmq_context() as ctx:
-        inbox = child_process.open_socket(ctx, zmq.PULL, addresses.detokenizer, bind=True)
-        to_router = child_process.open_socket(ctx, zmq.PUSH, addresses.router, bind=False)
-        to_api = child_process.open_socket(ctx, zmq.PUSH, addresses.api, bind=False)
-        control = child_process.open_socket(ctx, zmq.PUSH, addresses.control, bind=False)
+    with ipc.zmq_context() as ctx:
+        inbox = ipc.open_socket(ctx, zmq.PULL, addresses.detokenizer, bind=True)
+        to_router = ipc.open_socket(ctx, zmq.PUSH, addresses.router, bind=False)
+        to_api = ipc.open_socket(ctx, zmq.PUSH, addresses.api, bind=False)
+        control = ipc.open_socket(ctx, zmq.PUSH, addresses.control, bind=False)
         control.send(encoder.encode(Ready(role="detokenizer", pid=os.getpid())))
         decoder = decoder_for(DetokenizerInbox)
         while child_process.parent_alive(parent_pid):
@@ -189,7 +190,7 @@ def run_detokenizer(config: EngineConfig, addresses: Addresses, parent_pid: int)
                     frame = inbox.recv(zmq.NOBLOCK)
                 except zmq.Again:
                     break
-                msg = child_process.decode_or_drop(decoder, frame, "detokenizer")
+                msg = ipc.decode_or_drop(decoder, frame, "detokenizer")
                 if msg is not None:
                     detokenizer.handle(msg, outputs, finished_by_stop)
             for req_id in finished_by_stop:

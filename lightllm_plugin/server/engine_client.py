@@ -18,8 +18,8 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
+from lightllm_plugin.ipc import decode_or_drop
 from lightllm_plugin.sampling_params import SamplingParams
-from lightllm_plugin.server.child_process import decode_or_drop
 from lightllm_plugin.server.metrics import ServerMetrics
 from lightllm_plugin.server.protocol import (
     AbortRequest,

@@ -24,9 +24,16 @@ from dataclasses import dataclass
 import zmq
 
 from lightllm_plugin.config import EngineConfig
-from lightllm_plugin.server.child_process import decode_or_drop, open_socket
+from lightllm_plugin.ipc import decode_or_drop, open_socket
 from lightllm_plugin.server.detokenizer import run_detokenizer
-from lightllm_plugin.server.protocol import Addresses, ControlInbox, Limits, Ready, decoder_for, encoder
+from lightllm_plugin.server.protocol import (
+    Addresses,
+    ControlInbox,
+    Limits,
+    Ready,
+    decoder_for,
+    encoder,
+)
 from lightllm_plugin.server.router import run_router
 from lightllm_plugin.server.tokenizer import run_tokenizer
 from lightllm_plugin.server.tp_rank import run_tp_rank, tp_rank_role

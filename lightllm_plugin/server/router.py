@@ -13,6 +13,7 @@ import time
 
 import zmq
 
+from lightllm_plugin import ipc
 from lightllm_plugin.config import EngineConfig
 from lightllm_plugin.sampling_params import SamplingParams
 from lightllm_plugin.server import child_process
@@ -111,7 +112,7 @@ class Router:
                         frame = inbox.recv(zmq.NOBLOCK)
                     except zmq.Again:
                         break
-                    msg = child_process.decode_or_drop(decoder, frame, "router")
+                    msg = ipc.decode_or_drop(decoder, frame, "router")
                     if msg is not None:
                         self.handle_safely(msg)
             if core.has_unfinished():
@@ -192,14 +193,16 @@ def run_router(config: EngineConfig, addresses: Addresses, parent_pid: int) -> N
     # default spin-waiting makes torch's CPU ops 10-20x slower as soon as another process
     # holds a core; passive waiting costs little. Must be set before torch loads.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from lightllm_plugin.engine.core import EngineCore  # torch is heavy: import in the child only
+    from lightllm_plugin.engine.core import (
+        EngineCore,  # torch is heavy: import in the child only
+    )
 
     # a context left with open sockets would block the exit once the parent is gone
-    with child_process.zmq_context() as ctx:
-        inbox = child_process.open_socket(ctx, zmq.PULL, addresses.router, bind=True)
-        to_detokenizer = child_process.open_socket(ctx, zmq.PUSH, addresses.detokenizer, bind=False)
-        to_api = child_process.open_socket(ctx, zmq.PUSH, addresses.api, bind=False)
-        control = child_process.open_socket(ctx, zmq.PUSH, addresses.control, bind=False)
+    with ipc.zmq_context() as ctx:
+        inbox = ipc.open_socket(ctx, zmq.PULL, addresses.router, bind=True)
+        to_detokenizer = ipc.open_socket(ctx, zmq.PUSH, addresses.detokenizer, bind=False)
+        to_api = ipc.open_socket(ctx, zmq.PUSH, addresses.api, bind=False)
+        control = ipc.open_socket(ctx, zmq.PUSH, addresses.control, bind=False)
 
         # with its tokenizer, as the offline LLM does: the tokenizer's eos id joins the stop ids
         if config.tp > 1:

@@ -14,6 +14,7 @@ from multiprocessing.connection import Connection
 import msgspec
 import zmq
 
+from lightllm_plugin import ipc
 from lightllm_plugin.config import EngineConfig
 from lightllm_plugin.sampling_params import SamplingParams
 from lightllm_plugin.server import child_process
@@ -150,17 +151,17 @@ def run_tokenizer(
     limits = wait_for_limits(limits_pipe, parent_pid)
     config = config.replace(max_req_total_len=limits.max_req_total_len, max_req_input_len=limits.max_req_input_len)
     # a context left with open sockets would block the exit once the parent is gone
-    with child_process.zmq_context() as ctx:
-        inbox = child_process.open_socket(ctx, zmq.PULL, addresses.tokenizer, bind=False)
-        to_router = child_process.open_socket(ctx, zmq.PUSH, addresses.router, bind=False)
-        to_api = child_process.open_socket(ctx, zmq.PUSH, addresses.api, bind=False)
-        control = child_process.open_socket(ctx, zmq.PUSH, addresses.control, bind=False)
+    with ipc.zmq_context() as ctx:
+        inbox = ipc.open_socket(ctx, zmq.PULL, addresses.tokenizer, bind=False)
+        to_router = ipc.open_socket(ctx, zmq.PUSH, addresses.router, bind=False)
+        to_api = ipc.open_socket(ctx, zmq.PUSH, addresses.api, bind=False)
+        control = ipc.open_socket(ctx, zmq.PUSH, addresses.control, bind=False)
         control.send(encoder.encode(Ready(role=f"tokenizer{index}", pid=os.getpid())))
         decoder = decoder_for(TokenizeRequest)
         while child_process.parent_alive(parent_pid):
             if not inbox.poll(1000):
                 continue
-            req = child_process.decode_or_drop(decoder, inbox.recv(), "tokenizer")
+            req = ipc.decode_or_drop(decoder, inbox.recv(), "tokenizer")
             if req is None:
                 continue
             result = handle(tokenizer, req, config)

@@ -53,7 +53,8 @@ def test_cpu_pool_is_zero_and_takes_ram_only_where_written():
 def test_int8_pool_holds_about_twice_the_bf16_slots():
     import torch
 
-    from lightllm_plugin.engine.memory import QuantizedKVCache, allocate_kv_pool, kv_bytes_per_token
+    from lightllm_plugin.engine.memory import allocate_kv_pool, kv_bytes_per_token
+    from lightllm_plugin.models.kv_cache import QuantizedKVCache
 
     for layers, kv_heads, head_dim in [(32, 8, 128), (30, 3, 64), (1, 1, 64)]:
         bf16 = kv_bytes_per_token(layers, kv_heads, head_dim, torch.bfloat16)

@@ -9,8 +9,8 @@ import torch
 import transformers
 
 from lightllm_plugin import LLM, SamplingParams
-from lightllm_plugin.engine.tensor_parallel import plan_shard
 from lightllm_plugin.models.model_config import ModelConfig
+from lightllm_plugin.models.tensor_parallel import plan_shard
 
 
 def _free_port() -> int:

@@ -16,9 +16,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "engine"))
 from int8_kv_check import CHATS, GREEDY_TOKENS, perplexity, text_ids  # noqa: E402
 
 from lightllm_plugin.config import EngineConfig  # noqa: E402
-from lightllm_plugin.engine.memory import QuantizedKVCache  # noqa: E402
 from lightllm_plugin.engine.runner import ModelRunner  # noqa: E402
 from lightllm_plugin.models.default_model import cached_default_model_path  # noqa: E402
+from lightllm_plugin.models.kv_cache import QuantizedKVCache  # noqa: E402
 
 
 def _free_cuda():

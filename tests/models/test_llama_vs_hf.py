@@ -9,7 +9,7 @@ import torch
 import transformers
 
 from lightllm_plugin.engine.memory import allocate_kv_pool
-from lightllm_plugin.models.llama import AttentionMetadata
+from lightllm_plugin.models.kv_cache import AttentionMetadata
 from lightllm_plugin.models.loader import load_model
 
 COMMON = dict(

@@ -10,7 +10,11 @@ import transformers
 from lightllm_plugin import plugins as P
 from lightllm_plugin.models import loader
 from lightllm_plugin.models.llama import LlamaFamilyModel
-from lightllm_plugin.models.loader import InMemoryCheckpoint, load_checkpoint, registered_models
+from lightllm_plugin.models.loader import (
+    InMemoryCheckpoint,
+    load_checkpoint,
+    registered_models,
+)
 from lightllm_plugin.models.model_config import SUPPORTED_ARCHITECTURES, ModelConfig
 
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -37,7 +41,7 @@ def _checkpoint(architecture: str) -> InMemoryCheckpoint:
 
 def _logits(model) -> torch.Tensor:
     from lightllm_plugin.engine.memory import allocate_kv_pool
-    from lightllm_plugin.models.llama import AttentionMetadata
+    from lightllm_plugin.models.kv_cache import AttentionMetadata
 
     cfg = model.cfg
     pool = allocate_kv_pool(cfg.num_layers, 16, cfg.num_kv_heads, cfg.head_dim, torch.float32, torch.device("cpu"))

@@ -13,8 +13,8 @@ import httpx
 import msgspec
 import pytest
 import zmq
-
 from live_server import metric, slots_drain
+
 from lightllm_plugin.server.router import FAULT_SEED_ENV
 
 FAULT_SEED = 4242
@@ -291,8 +291,8 @@ class _Exploit:
 
 
 def test_a_pickle_or_garbage_on_any_socket_executes_nothing_and_the_server_keeps_serving(server, tmp_path):
-    from lightllm_plugin.server.protocol import AddRequest, encoder
     from lightllm_plugin.sampling_params import SamplingParams
+    from lightllm_plugin.server.protocol import AddRequest, encoder
 
     marker = tmp_path / "pwned"
     payloads = [
@@ -329,8 +329,13 @@ def test_a_pickle_or_garbage_on_any_socket_executes_nothing_and_the_server_keeps
 
 
 def test_decode_or_drop_refuses_oversized_and_foreign_frames():
-    from lightllm_plugin.server.child_process import decode_or_drop
-    from lightllm_plugin.server.protocol import AbortRequest, RouterInbox, decoder_for, encoder
+    from lightllm_plugin.ipc import decode_or_drop
+    from lightllm_plugin.server.protocol import (
+        AbortRequest,
+        RouterInbox,
+        decoder_for,
+        encoder,
+    )
 
     decoder = decoder_for(RouterInbox)
     frame = encoder.encode(AbortRequest(req_ids=[1]))
@@ -354,8 +359,8 @@ def test_sandboxed_chat_template_blocks_escapes_in_the_tokenizer():
     """The tokenizer process renders templates through transformers' ImmutableSandboxedEnvironment,
     so a hostile template shipped with a model cannot reach Python's internals."""
     from lightllm_plugin.models.tokenizer import load_tokenizer
-    from lightllm_plugin.server.protocol import TokenizeRequest
     from lightllm_plugin.sampling_params import SamplingParams
+    from lightllm_plugin.server.protocol import TokenizeRequest
     from lightllm_plugin.server.tokenizer import encode_prompt
 
     tokenizer = load_tokenizer(None)
