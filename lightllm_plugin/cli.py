@@ -51,6 +51,8 @@ HELP = {
     "max_body_size": "most bytes of one HTTP request body; more is refused with 413",
     "request_timeout": "seconds one request may take before it is aborted (its KV slots freed) and "
     "answered 504 (default: no limit)",
+    "skip_broken_plugins": "start without a plugin that fails to load, with a warning naming it "
+    "(default: such a plugin stops the server; also $LIGHTLLM_PLUGINS_SKIP_BROKEN=1)",
 }
 # vLLM's spellings of flags, accepted as well
 ALIASES = {"served_model_name": "--served-model-name", "api_key": "--api-key"}
@@ -184,9 +186,6 @@ def build_serve_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description="Serve a model over HTTP (LightLLM's native API).")
     add_engine_flags(parser)
     add_lightllm_only_flags(parser)
-    parser.add_argument(SKIP_BROKEN_FLAG, action="store_true",
-                        help="start without a plugin that fails to load, with a warning naming it "
-                        "(default: such a plugin stops the server; also $LIGHTLLM_PLUGINS_SKIP_BROKEN=1)")
     return parser
 
 
@@ -198,7 +197,7 @@ def serve_main(argv: list[str], prog: str | None = None) -> int:
     from lightllm_plugin.server.launcher import fail, serve
 
     try:
-        plugins = load_plugins(skip_broken=args.skip_broken_plugins or skip_broken_requested())
+        plugins = load_plugins(skip_broken=config.skip_broken_plugins or skip_broken_requested())
     except PluginError as exc:
         fail(f"{exc} ({SKIP_BROKEN_FLAG} starts the server without it)")
         return 1

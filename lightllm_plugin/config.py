@@ -56,6 +56,9 @@ class EngineConfig:
     max_queue_size: int | None = None
     max_body_size: int = 8 * 1024 * 1024  # bytes of one HTTP request body
     request_timeout: float | None = None  # seconds one request may run; None: no limit
+    # a plugin that fails to load is skipped with a warning instead of stopping the command; the
+    # model processes read it to skip the same plugins the server did
+    skip_broken_plugins: bool = False
 
     # discovered at run time
     total_slots: int = field(default=0, init=False)

@@ -6,12 +6,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgspec
 from tqdm import tqdm
 
 from lightllm_plugin.config import EngineConfig
 from lightllm_plugin.engine.core import EngineCore
+from lightllm_plugin.models.tokenizer import render_chat
 from lightllm_plugin.sampling_params import SamplingParams
+from lightllm_plugin.text_stream import PROMPT_CONTEXT_TOKENS, TextStream
 
 
 @dataclass
@@ -46,7 +47,8 @@ class _Pending:
     cumulative: float = 0.0
     finish_reason: str | None = None
     stop_reason: str | int | None = None
-    text: str | None = None
+    text: TextStream | None = None
+    pieces: list[str] = field(default_factory=list)
 
 
 class LLM:
@@ -111,18 +113,14 @@ class LLM:
         chat_template_kwargs: dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
         if not messages:
-            raise ValueError("messages is empty")
+            raise ValueError("messages must not be empty")
         conversations = [messages] if isinstance(messages[0], dict) else list(messages)
-        if getattr(self.tokenizer, "chat_template", None) is None:
-            raise ValueError("this model's tokenizer has no chat template; use generate() with a prompt")
-        texts = [
-            self.tokenizer.apply_chat_template(
-                list(conv), tokenize=False, add_generation_prompt=add_generation_prompt, **(chat_template_kwargs or {})
-            )
+        rendered = [
+            render_chat(self.tokenizer, list(conv), chat_template_kwargs=chat_template_kwargs,
+                        add_generation_prompt=add_generation_prompt)
             for conv in conversations
         ]
-        # the template already holds any bos token; don't add special tokens twice
-        id_lists = [self.tokenizer.encode(t, add_special_tokens=False) for t in texts]
+        texts, id_lists = [text for text, _ in rendered], [ids for _, ids in rendered]
         return self._run(texts, id_lists, sampling_params, use_tqdm)
 
     # ---- internals ---------------------------------------------------------------------
@@ -158,16 +156,18 @@ class LLM:
         engine = self.engine
         # check everything first so a bad prompt leaves nothing queued
         for ids, params in zip(id_lists, params_list):
-            engine.validate(ids, _single(params, 0))
+            engine.validate(ids, params.for_sample(0))
 
         pending: dict[int, _Pending] = {}
         results = [RequestOutput(request_id=i, prompt=t, prompt_token_ids=ids) for i, (t, ids) in enumerate(zip(texts, id_lists))]
         for i, (ids, params) in enumerate(zip(id_lists, params_list)):
             for k in range(params.n):
-                sub = _single(params, k)
+                sub = params.for_sample(k)
                 rid = engine.new_request_id()
                 engine.add_request(rid, ids, sub)
-                pending[rid] = _Pending(parent=i, index=k, params=sub, logprobs=[] if sub.logprobs is not None else None)
+                stream = TextStream(self.tokenizer, ids[-PROMPT_CONTEXT_TOKENS:], sub.skip_special_tokens, sub.stop)
+                pending[rid] = _Pending(parent=i, index=k, params=sub, text=stream,
+                                        logprobs=[] if sub.logprobs is not None else None)
 
         done: list[_Pending] = []
         bar = tqdm(total=len(pending), desc="Generating", unit="req", disable=not use_tqdm)
@@ -181,12 +181,16 @@ class LLM:
                         entry.update({tid: lp for tid, lp in event.top_logprobs or []})
                         p.logprobs.append(entry)
                         p.cumulative += event.logprob
-                    if event.finish_reason is not None:
+                    piece, stopped = p.text.push(event.token_id, final=event.finish_reason is not None)
+                    p.pieces.append(piece)
+                    if stopped:
+                        p.finish_reason, p.stop_reason = "stop", p.text.stops.reached
+                        if event.finish_reason is None:
+                            engine.finish(event.req_id)
+                    elif event.finish_reason is not None:
                         p.finish_reason = event.finish_reason
                         if event.finish_reason == "stop" and event.token_id in p.params.stop_token_ids:
                             p.stop_reason = event.token_id
-                    elif p.params.stop and self._cut_at_stop_string(p):
-                        engine.finish(event.req_id)
                     if p.finish_reason is not None:
                         done.append(pending.pop(event.req_id))
                         bar.update(1)
@@ -196,14 +200,10 @@ class LLM:
                 engine.abort(rid)
 
         for p in done:
-            if p.text is None:
-                p.text = self.tokenizer.decode(p.token_ids, skip_special_tokens=p.params.skip_special_tokens)
-                if p.params.stop:
-                    self._cut_at_stop_string(p)
             results[p.parent].outputs.append(
                 CompletionOutput(
                     index=p.index,
-                    text=p.text,
+                    text="".join(p.pieces),
                     token_ids=p.token_ids,
                     finish_reason=p.finish_reason,
                     stop_reason=p.stop_reason,
@@ -214,20 +214,3 @@ class LLM:
         for r in results:
             r.outputs.sort(key=lambda o: o.index)
         return results
-
-    def _cut_at_stop_string(self, p: _Pending) -> bool:
-        """If the text so far holds a stop string, cut it there and mark the request finished."""
-        text = p.text if p.text is not None else self.tokenizer.decode(p.token_ids, skip_special_tokens=p.params.skip_special_tokens)
-        hits = [(text.find(s), s) for s in p.params.stop if s in text]
-        if not hits:
-            return False
-        pos, stop = min(hits)
-        p.text = text[:pos]
-        p.finish_reason, p.stop_reason = "stop", stop
-        return True
-
-
-def _single(params: SamplingParams, index: int) -> SamplingParams:
-    """The k-th of n samples: n=1, and a distinct seed derived from the request's seed."""
-    seed = None if params.seed is None else params.seed + index
-    return msgspec.structs.replace(params, n=1, seed=seed)

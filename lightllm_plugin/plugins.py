@@ -180,11 +180,12 @@ def _version() -> str:
         return "unknown"
 
 
-def load_plugins(skip_broken: bool | None = None) -> PluginManager:
-    """A manager with the built-in plugins and the third-party ones allowed to load."""
+def load_plugins(skip_broken: bool | None = None, builtins: bool = True) -> PluginManager:
+    """A manager with the built-in plugins (unless `builtins` is false: the model processes need
+    only the third-party architectures) and the third-party ones allowed to load."""
     pm = PluginManager(skip_broken=skip_broken_requested() if skip_broken is None else skip_broken)
     own_version = _version()
-    for name, module in BUILTIN_PLUGINS.items():
+    for name, module in BUILTIN_PLUGINS.items() if builtins else ():
         pm.add(importlib.import_module(module), PluginInfo(name, "builtin", own_version, module))
     allowed = allowed_plugins()
     seen: set[str] = set()

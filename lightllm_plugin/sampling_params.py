@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import msgspec
 
-
 _INT32_MAX = 2**31 - 1  # counts and ids beyond this cannot cross a socket or reach a tensor
 
 
@@ -67,6 +66,12 @@ class SamplingParams(msgspec.Struct, kw_only=True):
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
+
+    def for_sample(self, index: int) -> "SamplingParams":
+        """The parameters of sample `index` of the n: n=1, and a seeded request's seed + index,
+        wrapped into the signed 64-bit range the seed was checked against."""
+        seed = None if self.seed is None else (self.seed + index + 2**63) % 2**64 - 2**63
+        return msgspec.structs.replace(self, n=1, seed=seed)
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""

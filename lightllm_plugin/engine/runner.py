@@ -22,7 +22,6 @@ from lightllm_plugin.engine.memory import (
 from lightllm_plugin.engine.req_table import ReqTable
 from lightllm_plugin.engine.sampling import (
     PendingSample,
-    SampleResult,
     SamplerRow,
     launch_sample,
 )
@@ -32,6 +31,7 @@ from lightllm_plugin.models.loader import (
     InMemoryCheckpoint,
     load_checkpoint,
     load_model,
+    registered_models,
 )
 from lightllm_plugin.models.tensor_parallel import TPGroup
 
@@ -99,14 +99,16 @@ class ModelRunner:
         # what the KV pool stores: the model dtype, or int8 values with float16 scales
         self.kv_dtype = torch.int8 if config.kv_cache_dtype == "int8" else self.dtype
         config.resolved_device, config.resolved_dtype = self.device.type, str(self.dtype).removeprefix("torch.")
+        models = registered_models(skip_broken=config.skip_broken_plugins)
         if checkpoint is not None:
             self.model, self.model_cfg = load_checkpoint(
-                checkpoint, self.dtype, self.device, config.max_req_total_len, progress=progress, tp=tp_group
+                checkpoint, self.dtype, self.device, config.max_req_total_len, progress=progress, tp=tp_group,
+                models=models,
             )
         else:
             self.model, self.model_cfg = load_model(
                 model_kind, model_path, self.dtype, self.device, config.max_req_total_len, progress=progress,
-                tp=tp_group,
+                tp=tp_group, models=models,
             )
         self._clamp_lengths_to_model()
         self.req_table = ReqTable(config.running_max_req_size, config.max_req_total_len, self.device)
@@ -276,6 +278,3 @@ class ModelRunner:
         else:
             logits = self._forward(entries, self.kv_pool)  # [B, V]
         return launch_sample(logits, [e.sampler for e in entries], self.generator)
-
-    def execute(self, entries: list[StepEntry]) -> SampleResult:
-        return self.launch(entries).result()

@@ -4,9 +4,11 @@ Each checkpoint tensor is read once, converted to the target dtype and assigned 
 place of its meta parameter, so no second full copy of the weights ever exists.
 q/k/v and gate/up are fused as they arrive; only one layer's pieces wait at a time.
 
-The model class comes from the plugins' `register_models` hook (architecture name -> class;
-the built-in Llama family is models/registry.py): the plugins are loaded once per model load,
-by `load_model` / `load_checkpoint`, or handed over as `models=` (e.g. `registered_models(pm)`).
+The model class comes from the built-in table (models/registry.py) and from what third-party
+plugins declare through `register_models`: `registered_models()` loads those once per model load,
+or the caller hands the table over as `models=`. The built-in plugins are not loaded here, so a
+process that only runs the model (the router, a tensor-parallel rank, the offline `LLM`) never
+imports the HTTP stack or an adapter.
 """
 
 from __future__ import annotations
@@ -52,13 +54,19 @@ _RENAMED = {
 }
 
 
-def registered_models(plugins=None) -> dict[str, Any]:
-    """Architecture name -> model class, from every loaded plugin's `register_models` hook.
-    `plugins`: a loaded PluginManager (default: load them now, honouring LIGHTLLM_PLUGINS and
-    LIGHTLLM_PLUGINS_SKIP_BROKEN as the server does)."""
+def registered_models(plugins=None, skip_broken: bool = False) -> dict[str, Any]:
+    """Architecture name -> model class: the built-in table, then what plugins register (a
+    built-in name cannot be taken over). `plugins`: a loaded PluginManager (default: load the
+    third-party plugins LIGHTLLM_PLUGINS allows, skipping a broken one when `skip_broken` or
+    LIGHTLLM_PLUGINS_SKIP_BROKEN says so)."""
+    from lightllm_plugin.models.registry import builtin_models
     from lightllm_plugin.plugins import collect_models, load_plugins
 
-    return collect_models(load_plugins() if plugins is None else plugins)
+    models = builtin_models()
+    pm = load_plugins(skip_broken=skip_broken or None, builtins=False) if plugins is None else plugins
+    for architecture, model_class in collect_models(pm).items():
+        models.setdefault(architecture, model_class)
+    return models
 
 
 def model_class_for(architecture: str, models: Mapping[str, Any]) -> Any:

@@ -1,14 +1,24 @@
-"""The built-in model architectures, declared through the `register_models` plugin hook."""
+"""The built-in model architectures: a plain table, read by the loader without loading any plugin
+(the built-in plugins bring the HTTP stack), and declared through the `register_models` hook too,
+so `lightllm-plugin plugins` lists them beside the third-party ones."""
 
 from __future__ import annotations
+
+from typing import Any
 
 from lightllm_plugin.models.model_config import SUPPORTED_ARCHITECTURES
 from lightllm_plugin.plugins import hookimpl
 
 
-@hookimpl(tryfirst=True)
-def register_models(register) -> None:
+def builtin_models() -> dict[str, Any]:
+    """Architecture name -> model class. The classes import torch, so they load on first use:
+    the api process lists the table without paying for it."""
     from lightllm_plugin.models.llama import LlamaFamilyModel
 
-    for architecture in SUPPORTED_ARCHITECTURES:
-        register(architecture, LlamaFamilyModel)
+    return {architecture: LlamaFamilyModel for architecture in SUPPORTED_ARCHITECTURES}
+
+
+@hookimpl(tryfirst=True)
+def register_models(register) -> None:
+    for architecture, model_class in builtin_models().items():
+        register(architecture, model_class)

@@ -135,10 +135,6 @@ class AsyncEngineClient:
         for group in {id(g): g for g in self._groups.values()}.values():
             group.queue.put_nowait(error)
 
-    @property
-    def num_pending(self) -> int:
-        return len(self._groups)
-
     # ---- requests --------------------------------------------------------------------
     async def generate(
         self,

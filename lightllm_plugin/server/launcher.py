@@ -250,7 +250,7 @@ def serve(config: EngineConfig, plugins=None) -> int:
     a loaded PluginManager (default: load them now, before any process starts)."""
     import uvicorn
 
-    from lightllm_plugin.plugins import ENV_SKIP_BROKEN, PluginError, load_plugins
+    from lightllm_plugin.plugins import PluginError, load_plugins
     from lightllm_plugin.server.api import create_app
     from lightllm_plugin.server.engine_client import AsyncEngineClient
 
@@ -260,10 +260,9 @@ def serve(config: EngineConfig, plugins=None) -> int:
         except PluginError as exc:
             fail(f"{exc} (--skip_broken_plugins starts the server without it)")
             return 1
-    if plugins.skip_broken:
-        # the model processes load the plugins again (their model classes, register_models):
-        # they skip a broken one exactly when this process did (spawned children inherit this)
-        os.environ[ENV_SKIP_BROKEN] = "1"
+    # the model processes load the third-party plugins again (their architectures): they skip a
+    # broken one exactly when this process did
+    config = config.replace(skip_broken_plugins=plugins.skip_broken)
     # SIGTERM takes the same path as Ctrl+C: every child stopped, the run directory removed
     previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     previous_term = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)

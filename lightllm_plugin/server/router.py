@@ -17,7 +17,6 @@ from lightllm_plugin import ipc
 from lightllm_plugin.config import EngineConfig
 from lightllm_plugin.sampling_params import SamplingParams
 from lightllm_plugin.server import child_process
-from lightllm_plugin.server.detokenizer import PROMPT_CONTEXT_TOKENS
 from lightllm_plugin.server.protocol import (
     AbortRequest,
     AddRequest,
@@ -33,6 +32,7 @@ from lightllm_plugin.server.protocol import (
     decoder_for,
     encoder,
 )
+from lightllm_plugin.text_stream import PROMPT_CONTEXT_TOKENS
 
 logger = logging.getLogger(__name__)
 
@@ -153,30 +153,6 @@ class Router:
         self._last_stats, self._last_stats_time = stats, now
 
 
-# TEST ONLY: a step holding a request with this seed raises, as a failing model worker would
-FAULT_SEED_ENV = "LIGHTLLM_PLUGIN_TEST_FAULT_SEED"
-
-
-class InjectedFault(RuntimeError):
-    pass
-
-
-def install_test_fault(core, seed: int) -> None:
-    """Make the worker's launch raise for any step that holds a request seeded `seed`."""
-    launch = core.runner.launch
-
-    def faulty_launch(entries, *args, **kwargs):
-        if any(e.sampler.params.seed == seed for e in entries):
-            sender = core.runner.plan_sender
-            if sender is not None:
-                # as a fault inside the forward would: the other ranks already have the step's plan
-                sender.send(core.runner._pack(entries, all_logits=False))
-            raise InjectedFault(f"injected fault ({FAULT_SEED_ENV}={seed})")
-        return launch(entries, *args, **kwargs)
-
-    core.runner.launch = faulty_launch
-
-
 def warm_up(core) -> None:
     """One tiny request through prefill and decode, so the first client does not pay for
     lazy initialisation (allocator growth, kernel selection)."""
@@ -214,9 +190,6 @@ def run_router(config: EngineConfig, addresses: Addresses, parent_pid: int) -> N
         else:
             core = EngineCore(config, progress=True)
         warm_up(core)
-        if os.environ.get(FAULT_SEED_ENV):
-            logger.warning("TEST FAULT INJECTION ON: steps with seed %s will fail", os.environ[FAULT_SEED_ENV])
-            install_test_fault(core, int(os.environ[FAULT_SEED_ENV]))
         control.send(
             encoder.encode(
                 Ready(

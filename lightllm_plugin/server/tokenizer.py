@@ -16,6 +16,7 @@ import zmq
 
 from lightllm_plugin import ipc
 from lightllm_plugin.config import EngineConfig
+from lightllm_plugin.models.tokenizer import render_chat
 from lightllm_plugin.sampling_params import SamplingParams
 from lightllm_plugin.server import child_process
 from lightllm_plugin.server.protocol import (
@@ -37,49 +38,11 @@ def encode_prompt(tokenizer, req: TokenizeRequest) -> list[int]:
     if req.prompt_ids is not None:
         return list(req.prompt_ids)
     if req.messages is not None:
-        if not req.messages:
-            raise ValueError("messages must not be empty")
-        if getattr(tokenizer, "chat_template", None) is None:
-            raise ValueError("messages: this model has no chat template; send the prompt as text instead")
-        if req.tools and not template_takes_tools(tokenizer.chat_template):
-            raise ValueError("tools: this model's chat template does not take tools")
-        overriding = sorted(RENDER_OPTIONS.intersection(req.chat_template_kwargs or {}))
-        if overriding:
-            raise ValueError(
-                f"chat_template_kwargs: {', '.join(overriding)} cannot be set by a request; "
-                "chat_template_kwargs are variables of the model's own chat template"
-            )
-        try:
-            text = tokenizer.apply_chat_template(
-                req.messages,
-                tools=req.tools,
-                add_generation_prompt=True,
-                tokenize=False,
-                **(req.chat_template_kwargs or {}),
-            )
-        except Exception as exc:  # jinja raises its own types for a malformed conversation
-            raise ValueError(f"messages: the chat template could not render them: {exc}") from None
-        # the rendered template already holds any bos token
-        return tokenizer.encode(text, add_special_tokens=False)
+        _, ids = render_chat(tokenizer, req.messages, tools=req.tools, chat_template_kwargs=req.chat_template_kwargs)
+        return ids
     if req.prompt is None or req.prompt == "":
         raise ValueError(f"{req.field} must not be empty")
     return tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
-
-
-# apply_chat_template's own parameters. Given in chat_template_kwargs they would not be template
-# variables but would replace the model's template (a client's Jinja, rendered in the sandbox
-# but free to loop for minutes in the tokenizer process) or change what rendering returns.
-RENDER_OPTIONS = frozenset({
-    "conversation", "chat_template", "tools", "documents", "add_generation_prompt", "continue_final_message",
-    "tokenize", "padding", "truncation", "max_length", "return_tensors", "return_dict",
-    "return_assistant_tokens_mask", "tokenizer_kwargs",
-})
-
-
-def template_takes_tools(template: str | dict[str, str]) -> bool:
-    """Whether a chat template reads `tools` (one that does not would drop them silently)."""
-    sources = template.values() if isinstance(template, dict) else [template]
-    return any("tools" in source for source in sources)
 
 
 def fit_prompt(
@@ -111,14 +74,9 @@ def fit_prompt(
 
 
 def expand_samples(req: TokenizeRequest, ids: list[int]) -> list[AddRequest]:
-    """n samples become n engine requests; a seeded request gives sample i the seed + i."""
-    adds = []
-    for i, req_id in enumerate(req.req_ids):
-        # wrapped into the signed 64-bit range the seed was checked against
-        seed = None if req.params.seed is None else (req.params.seed + i + 2**63) % 2**64 - 2**63
-        params = msgspec.structs.replace(req.params, n=1, seed=seed)
-        adds.append(AddRequest(req_id=req_id, prompt_ids=ids, params=params))
-    return adds
+    """n samples become n engine requests, each with its own seed (SamplingParams.for_sample)."""
+    return [AddRequest(req_id=req_id, prompt_ids=ids, params=req.params.for_sample(i))
+            for i, req_id in enumerate(req.req_ids)]
 
 
 def handle(tokenizer, req: TokenizeRequest, config: EngineConfig) -> list[AddRequest] | RequestError:

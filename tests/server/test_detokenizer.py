@@ -3,8 +3,9 @@
 import pytest
 
 from lightllm_plugin.engine.outputs import TokenEvent
-from lightllm_plugin.server.detokenizer import Detokenizer, IncrementalDetokenizer, StopStringMatcher
+from lightllm_plugin.server.detokenizer import Detokenizer
 from lightllm_plugin.server.protocol import DetokenizeForget, DetokenizeStart, TokenBatch
+from lightllm_plugin.text_stream import IncrementalDetokenizer, StopStringMatcher
 
 MULTIBYTE_TEXT = "héllo 你好 😀 world, the capital of France is Paris. 東京 🙂🙂 ok"
 
