@@ -4,15 +4,11 @@ import json
 
 import pytest
 
-from lightllm_plugin.adapters.openai import (
-    ApiError,
-    ToolCallParser,
-    chat_messages,
-    check_response_format,
-    completion_prompts,
-    invalid,
-    parse_tool_calls,
-)
+from lightllm_plugin.adapters.openai.protocol import ApiError, invalid
+from lightllm_plugin.adapters.openai.serving_chat import chat_messages, check_response_format
+from lightllm_plugin.adapters.openai.serving_completion import completion_prompts
+from lightllm_plugin.adapters.openai.tool_parsers import parse_tool_calls
+from lightllm_plugin.adapters.openai.tool_parsers.hermes import HermesToolParser as ToolCallParser
 
 WEATHER = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}}\n</tool_call>'
 TIME = '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>'
