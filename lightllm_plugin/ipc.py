@@ -37,6 +37,18 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 _log = logging.getLogger("lightllm_plugin.ipc")
 
 
+def drain(sock: zmq.Socket, decoder, where: str):
+    """Every message queued on `sock` now, decoded (undecodable frames dropped), without waiting."""
+    while True:
+        try:
+            frame = sock.recv(zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        msg = decode_or_drop(decoder, frame, where)
+        if msg is not None:
+            yield msg
+
+
 def decode_or_drop(decoder, frame: bytes, where: str, max_bytes: int = MAX_MESSAGE_BYTES):
     """The message a frame holds, or None after a log line when it is too large, not msgpack,
     or not one of the structs this socket takes. Nothing is ever unpickled: a pickle payload

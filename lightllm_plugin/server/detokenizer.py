@@ -109,14 +109,8 @@ def run_detokenizer(config: EngineConfig, addresses: Addresses, parent_pid: int)
             outputs: list[TokenOutput] = []
             finished_by_stop: list[int] = []
             # drain everything queued so one api message carries many tokens
-            while True:
-                try:
-                    frame = inbox.recv(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                msg = ipc.decode_or_drop(decoder, frame, "detokenizer")
-                if msg is not None:
-                    detokenizer.handle(msg, outputs, finished_by_stop)
+            for msg in ipc.drain(inbox, decoder, "detokenizer"):
+                detokenizer.handle(msg, outputs, finished_by_stop)
             for req_id in finished_by_stop:
                 to_router.send(encoder.encode(FinishRequest(req_id=req_id)))
             if outputs:

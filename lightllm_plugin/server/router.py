@@ -107,14 +107,8 @@ class Router:
         while child_process.parent_alive(parent_pid):
             # busy: take what is queued without waiting; idle: sleep until a message comes
             if core.has_unfinished() or inbox.poll(IDLE_POLL_MS):
-                while True:
-                    try:
-                        frame = inbox.recv(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    msg = ipc.decode_or_drop(decoder, frame, "router")
-                    if msg is not None:
-                        self.handle_safely(msg)
+                for msg in ipc.drain(inbox, decoder, "router"):
+                    self.handle_safely(msg)
             if core.has_unfinished():
                 self.step()
                 self.report_stats()
