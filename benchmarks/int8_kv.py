@@ -1,4 +1,4 @@
-"""Int8 KV cache against bf16 KV on one model, measured side by side in one run (issue 8).
+"""Int8 KV cache against bf16 KV on one model, measured side by side in one run.
 
     python benchmarks/int8_kv.py --shape llama3-8b
 

@@ -4,8 +4,8 @@ on a random-weight model of a real shape, measured side by side in one run.
     python benchmarks/offline_throughput.py --shape llama3-8b [--num-requests 256] \
         [--min-len 100 --max-len 1024] [--hf-batch 16 --hf-requests 16] [--device cuda]
 
-Prompt and output lengths are uniform in [min-len, max-len] (seed 0; the defaults are issue 7's
-workload), outputs run to their length (ignore_eos). On CUDA the model is built there in bf16
+Prompt and output lengths are uniform in [min-len, max-len] (seed 0; the defaults are the
+GPU target's workload), outputs run to their length (ignore_eos). On CUDA the model is built there in bf16
 and handed to the engine in memory; on CPU it goes through a safetensors folder. HF's batched
 generate may be timed on the first --hf-requests requests only (it pads every batch to its
 longest prompt and output); tok/s counts each request's own output tokens either way.

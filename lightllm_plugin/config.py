@@ -40,7 +40,7 @@ class EngineConfig:
     running_max_req_size: int = 256
     long_truncation_mode: str | None = None  # None: reject long prompts; head/tail: cut
     seed: int = 0
-    kv_cache_dtype: str = "auto"  # auto: the model dtype; int8: about twice the slots (issue 8)
+    kv_cache_dtype: str = "auto"  # auto: the model dtype; int8: about twice the slots
     # decode steps replay CUDA graphs on GPUs; True runs every step eagerly (debugging, profiling)
     enforce_eager: bool = False
 
