@@ -3,6 +3,12 @@ import os
 
 import pytest
 
+# the shared helpers (tests/support/, on sys.path through pyproject's pytest `pythonpath`): their
+# asserts get pytest's messages, and live_server's fixtures (default_server, launch_server) are
+# a plugin, so every directory sees them
+pytest.register_assert_rewrite("support")
+pytest_plugins = ["support.live_server", "support.model_plugin"]
+
 # several engine processes share 2 cores in CI; OpenMP spin-waiting across them costs
 # 5-20x (set here too because test modules import torch before lightllm_plugin)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

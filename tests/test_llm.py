@@ -37,6 +37,7 @@ def _chat_ids(llm, text):
     return llm.tokenizer.encode(prompt, add_special_tokens=False)
 
 
+@pytest.mark.slow
 def test_greedy_batch_matches_hf_generate(llm, hf_model):
     prompts = [_chat_ids(llm, c) for c in CHATS]
     assert len({len(p) for p in prompts}) >= 6  # different lengths really
@@ -72,6 +73,7 @@ def test_logprobs_match_hf_distribution(llm, hf_model):
     assert out.cumulative_logprob == pytest.approx(entry[out.token_ids[0]])
 
 
+@pytest.mark.slow
 def test_repetition_penalty_matches_hf(llm, hf_model):
     ids = _chat_ids(llm, "Repeat the word 'cat' many times.")
     out = llm.generate([ids], SamplingParams(temperature=0, max_new_tokens=16, min_new_tokens=16, repetition_penalty=1.5), use_tqdm=False)
@@ -83,6 +85,7 @@ def test_repetition_penalty_matches_hf(llm, hf_model):
     assert out[0].outputs[0].token_ids == ref
 
 
+@pytest.mark.slow
 def test_seed_gives_same_output_whatever_the_batch(llm):
     ids = _chat_ids(llm, "Tell me a story about a dragon.")
     seeded = SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=20, seed=1234, ignore_eos=True)

@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("langchain_core")
 
-from live_server import BASE_FLAGS  # noqa: E402
+from support.live_server import BASE_FLAGS  # noqa: E402
 
 PROGRAM = f"""
 import json, psutil
@@ -30,6 +30,7 @@ print("RESULT " + json.dumps({{"text": text, "reply": reply, "pids": pids}}), fl
 """
 
 
+@pytest.mark.slow  # a program that starts (and leaves) its own server
 def test_an_owned_server_answers_and_is_gone_when_the_program_exits():
     done = subprocess.run([sys.executable, "-c", PROGRAM], capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

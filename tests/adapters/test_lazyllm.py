@@ -23,6 +23,8 @@ import psutil  # noqa: E402
 
 from lightllm_plugin.models.default_model import DEFAULT_MODEL_NAME, default_model_path  # noqa: E402
 
+pytestmark = pytest.mark.slow  # LazyLLM starts its own server (and imports in seconds)
+
 START_TIMEOUT_S = 300
 CALL_TIMEOUT_S = 120
 STOP_TIMEOUT_S = 20

@@ -14,8 +14,8 @@ POEM = [{"role": "user", "content": "Write a long poem about the sea."}]
 
 
 @pytest.fixture(scope="module")
-def server(launch_server):
-    return launch_server()
+def server(default_server):
+    return default_server  # the session's shared default-model server: counters are read as deltas
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +164,7 @@ def test_completions_echo_logprobs_token_ids_and_streaming(client, model, tokeni
 
 
 def test_one_refused_prompt_refuses_the_list_and_frees_the_others(client, model, server):
-    from live_server import slots_drain
+    from support.live_server import slots_drain
 
     with pytest.raises(openai.BadRequestError) as info:
         client.completions.create(model=model, prompt=["Hello", "word " * 400], max_tokens=50, extra_body={"ignore_eos": True})

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from support.model_plugin import build_tiny_checkpoint
+
 # a Hermes/Qwen-style template: the tools go into the system turn, calls are <tool_call> JSON
 TEMPLATE = """\
 {%- if tools %}<|im_start|>system
@@ -43,19 +45,4 @@ WEATHER = {
 
 def build_tiny_tools_model(folder: Path) -> str:
     """Write the checkpoint (the default model's tokenizer with TEMPLATE) into `folder`."""
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    from lightllm_plugin.models.tokenizer import load_tokenizer
-
-    tokenizer = load_tokenizer(None)
-    tokenizer.chat_template = TEMPLATE
-    tokenizer.save_pretrained(folder)
-    config = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-    )
-    torch.manual_seed(0)
-    Qwen2ForCausalLM(config).to(torch.float32).save_pretrained(folder)
-    return str(folder)
+    return build_tiny_checkpoint(folder, "Qwen2ForCausalLM", family="Qwen2", chat_template=TEMPLATE)

@@ -1,13 +1,10 @@
 """benchmarks/serving.py's prompts must be exactly as long in tokens as it says they are."""
 
-import os
-import sys
-
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
-
-import serving  # noqa: E402
+# benchmarks/ is on sys.path through pyproject's pytest `pythonpath`: serving.py imports its
+# sibling scripts as top-level modules, as it does when run as `python benchmarks/serving.py`
+import serving
 
 
 def test_model_folder_tokenizer_gives_one_token_per_word(tmp_path):

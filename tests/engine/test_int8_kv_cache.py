@@ -1,4 +1,4 @@
-"""The default model with an int8 KV cache against its float32 KV cache (issue 8), on CPU.
+"""The default model with an int8 KV cache against its float32 KV cache, on CPU.
 
 The CPU engine runs the torch references, so this checks the quantize-on-write /
 dequantize-on-read path end to end; the Triton kernels are checked against those
@@ -7,7 +7,7 @@ references in tests/kernels (interpreter) and tests/gpu.
 
 import pytest
 import torch
-from int8_kv_check import CHATS, GREEDY_TOKENS, PPL_TOKENS, perplexity, text_ids
+from support.int8_kv_check import CHATS, GREEDY_TOKENS, PPL_TOKENS, perplexity, text_ids
 
 from lightllm_plugin import LLM, SamplingParams
 
@@ -40,6 +40,7 @@ def test_int8_greedy_output_equals_float32_kv_output(engines):
         assert llm.engine.free_slots.num_free == llm.config.total_slots  # nothing leaked
 
 
+@pytest.mark.slow
 def test_int8_perplexity_rises_less_than_two_percent(engines):
     full, int8 = engines
     ids = text_ids(full)

@@ -77,6 +77,7 @@ def _greedy_tokens(model, tp, prompts, max_tokens, chat=False):
         return [o.outputs[0].token_ids for o in outs]
 
 
+@pytest.mark.slow
 def test_tiny_qwen2_split_two_and_four_ways_gives_the_greedy_tokens_of_the_whole_model(tiny_qwen2):
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 1001, (n,), generator=g).tolist() for n in (1, 7, 60, 130)]
@@ -90,6 +91,7 @@ CHATS = ["What is the capital of France?", "Write a haiku about the sea.", "Who 
          "List three colours."]
 
 
+@pytest.mark.slow
 def test_default_model_split_two_ways_gives_the_greedy_tokens_of_the_whole_model():
     # 9 query heads over 3 KV heads: the ranks hold 6 + 3
     whole = _greedy_tokens(None, 1, CHATS, 24, chat=True)
@@ -98,8 +100,13 @@ def test_default_model_split_two_ways_gives_the_greedy_tokens_of_the_whole_model
 
 def test_a_failed_start_stops_the_other_ranks(tiny_qwen2):
     # every rank fails to split 4 query heads over 2 KV heads 3 ways; none is left running
+    from multiprocessing import resource_tracker
+
     import psutil
 
+    # the first spawn starts multiprocessing's resource tracker, which lives as long as this process:
+    # start it first, so that it is not taken for a rank left behind (run alone or with -m "not slow")
+    resource_tracker.ensure_running()
     before = {p.pid for p in psutil.Process().children(recursive=True)}
     with pytest.raises(ValueError, match="tp=3"):
         LLM(tiny_qwen2, tp=3, nccl_port=_free_port(), max_total_token_num=1024, max_req_total_len=256,

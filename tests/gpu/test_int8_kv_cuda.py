@@ -1,24 +1,21 @@
-"""Int8 KV cache on CUDA (issue 8): the pool it profiles, and the default model with int8 KV
+"""Int8 KV cache on CUDA: the pool it profiles, and the default model with int8 KV
 against bf16 KV through the Triton kernels and CUDA graphs."""
 
 import gc
-import os
-import sys
 
 import pytest
 import torch
 import transformers
 
+# the chats, the text and the perplexity helper, shared with the CPU int8 test (tests/engine)
+from support.int8_kv_check import CHATS, GREEDY_TOKENS, perplexity, text_ids
+
+from lightllm_plugin.config import EngineConfig
+from lightllm_plugin.engine.runner import ModelRunner
+from lightllm_plugin.models.default_model import cached_default_model_path
+from lightllm_plugin.models.kv_cache import QuantizedKVCache
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-
-# the chats, the text and the perplexity helper are the CPU int8 test's (tests/engine)
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "engine"))
-from int8_kv_check import CHATS, GREEDY_TOKENS, perplexity, text_ids  # noqa: E402
-
-from lightllm_plugin.config import EngineConfig  # noqa: E402
-from lightllm_plugin.engine.runner import ModelRunner  # noqa: E402
-from lightllm_plugin.models.default_model import cached_default_model_path  # noqa: E402
-from lightllm_plugin.models.kv_cache import QuantizedKVCache  # noqa: E402
 
 
 def _free_cuda():

@@ -1,27 +1,23 @@
 """The Triton kernels against their plain-torch references at real sizes on CUDA
 (the CPU interpreter tests in tests/kernels/ cover odd shapes at small sizes)."""
 
-import os
-import sys
-
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-
 # the comparison helpers and the scattered-slot batch builder are shared with the interpreter tests
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "kernels"))
-from kernel_check import TOL, assert_close, check_int8_attention, check_int8_scatter, make_batch, rel_err  # noqa: E402
+from support.kernel_check import TOL, assert_close, check_int8_attention, check_int8_scatter, make_batch, rel_err
 
-from lightllm_plugin.kernels import _triton  # noqa: E402
-from lightllm_plugin.kernels.decode_attention import decode_attention  # noqa: E402
-from lightllm_plugin.kernels.kv_scatter import kv_scatter, kv_scatter_ref, quantize_kv_ref  # noqa: E402
-from lightllm_plugin.kernels.one_row_linear import _chosen, one_row_linear  # noqa: E402
-from lightllm_plugin.kernels.prefill_attention import prefill_attention  # noqa: E402
-from lightllm_plugin.kernels.rmsnorm import rmsnorm, rmsnorm_ref  # noqa: E402
-from lightllm_plugin.kernels.rotary import rotary, rotary_ref  # noqa: E402
-from lightllm_plugin.kernels.silu_and_mul import silu_and_mul, silu_and_mul_ref  # noqa: E402
-from lightllm_plugin.kernels.token_attention import token_attention, token_attention_ref  # noqa: E402
+from lightllm_plugin.kernels import _triton
+from lightllm_plugin.kernels.decode_attention import decode_attention
+from lightllm_plugin.kernels.kv_scatter import kv_scatter, kv_scatter_ref, quantize_kv_ref
+from lightllm_plugin.kernels.one_row_linear import _chosen, one_row_linear
+from lightllm_plugin.kernels.prefill_attention import prefill_attention
+from lightllm_plugin.kernels.rmsnorm import rmsnorm, rmsnorm_ref
+from lightllm_plugin.kernels.rotary import rotary, rotary_ref
+from lightllm_plugin.kernels.silu_and_mul import silu_and_mul, silu_and_mul_ref
+from lightllm_plugin.kernels.token_attention import token_attention, token_attention_ref
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 DTYPES = [torch.bfloat16, torch.float16]
 DEV = "cuda"
@@ -167,7 +163,7 @@ def test_one_row_linear_cuda(dtype, n, k):
     assert_close(out, torch.nn.functional.linear(x.double(), w.double()), dtype)
 
 
-# ---- int8 KV cache (issue 8) ---------------------------------------------------------------
+# ---- int8 KV cache ---------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_int8_kv_scatter_cuda(dtype):

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from kernel_check import DTYPES, TOL, assert_close, check_int8_attention, make_batch
+from support.kernel_check import DTYPES, TOL, assert_close, check_int8_attention, make_batch
 
 from lightllm_plugin.kernels.decode_attention import decode_attention
 from lightllm_plugin.kernels.kv_scatter import quantize_kv_ref

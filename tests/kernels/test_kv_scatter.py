@@ -1,6 +1,6 @@
 import pytest
 import torch
-from kernel_check import DTYPES, check_int8_scatter
+from support.kernel_check import DTYPES, check_int8_scatter
 
 from lightllm_plugin.kernels.kv_scatter import kv_scatter, kv_scatter_ref
 

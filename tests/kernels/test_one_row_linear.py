@@ -1,7 +1,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from kernel_check import DTYPES, assert_close
+from support.kernel_check import DTYPES, assert_close
 
 from lightllm_plugin.kernels.one_row_linear import one_row_linear, one_row_linear_ref
 

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from kernel_check import DTYPES, assert_close
+from support.kernel_check import DTYPES, assert_close
 
 from lightllm_plugin.kernels.rotary import rotary, rotary_ref
 

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from kernel_check import DTYPES, assert_close
+from support.kernel_check import DTYPES, assert_close
 
 from lightllm_plugin.kernels.silu_and_mul import silu_and_mul, silu_and_mul_ref
 

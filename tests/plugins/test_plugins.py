@@ -5,32 +5,20 @@ server serves and whose command the CLI runs."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 
 import httpx
 import pytest
+from support.model_plugin import PLUGINS_DIR, pip_install_target
 
 from lightllm_plugin import plugins as P
-
-SAMPLE = os.path.join(os.path.dirname(__file__), "sample_plugin")
 
 
 @pytest.fixture(scope="module")
 def sample_path(tmp_path_factory) -> str:
-    """A folder where `pip install --target` put the sample plugin (metadata, entry points
-    and all): on PYTHONPATH, it is installed. Builds without isolation where the local
-    setuptools can (no network), with it otherwise."""
-    root = tmp_path_factory.mktemp("sample_plugin")
-    src, target = root / "src", root / "site"
-    shutil.copytree(SAMPLE, src)  # the build writes egg-info next to the sources
-    base = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--disable-pip-version-check", "--target", str(target)]
-    done = subprocess.run(base + ["--no-build-isolation", str(src)], capture_output=True, text=True)
-    if done.returncode != 0:
-        done = subprocess.run(base + [str(src)], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    return str(target)
+    """A folder on whose PYTHONPATH the sample plugin is installed."""
+    return pip_install_target(PLUGINS_DIR / "sample_plugin", tmp_path_factory.mktemp("sample_plugin"))
 
 
 def _env(sample_path: str, **extra: str) -> dict[str, str]:
@@ -115,6 +103,7 @@ def test_server_refuses_to_start_with_a_broken_plugin(sample_path):
     assert "ERROR:" in done.stderr and "plugin 'sample_broken'" in done.stderr and "--skip_broken_plugins" in done.stderr
 
 
+@pytest.mark.slow
 def test_server_serves_the_plugin_route_skipping_the_broken_one(sample_path, launch_server):
     server = launch_server("--skip_broken_plugins", env=_env(sample_path))
     assert "plugin 'sample_broken'" in server.output

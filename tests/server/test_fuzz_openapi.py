@@ -1,4 +1,4 @@
-"""Issue 9: property-based fuzzing of the HTTP API from its own OpenAPI document.
+"""Property-based fuzzing of the HTTP API from its own OpenAPI document.
 
 Schemathesis reads /openapi.json from a real server (CPU, the default model, loopback) and
 generates requests for every operation, valid ones (positive) and invalid ones (negative),
@@ -25,8 +25,9 @@ hypothesis = pytest.importorskip("hypothesis")
 
 from schemathesis.checks import not_a_server_error  # noqa: E402
 from schemathesis.generation import GenerationMode  # noqa: E402
+from support.live_server import metric, slots_drain  # noqa: E402
 
-from live_server import metric, slots_drain  # noqa: E402
+pytestmark = pytest.mark.slow  # a few hundred generated requests
 
 EXAMPLES = int(os.environ.get("LIGHTLLM_FUZZ_EXAMPLES", "25"))  # per operation and mode
 SEED = os.environ.get("LIGHTLLM_FUZZ_SEED")

@@ -1,7 +1,7 @@
-"""Issue 9: load. 64 concurrent streaming clients for 60 seconds (two equal rounds of 30 s), a
+"""Load: 64 concurrent streaming clients for 60 seconds (two equal rounds of 30 s), a
 quarter of them disconnecting at random points of their streams. CPU, the default model,
-loopback only; every loop is bounded by a deadline and the server is always shut down (the
-launch_server fixture).
+loopback only; every loop is bounded by a deadline. The server is the session's shared default
+server (support.live_server's default_server fixture, always shut down), hence counts as deltas.
 
 Shown:
 - every completed stream is well-formed: LightLLM's `data:` events with a monotone token count
@@ -29,8 +29,9 @@ import time
 import httpx
 import psutil
 import pytest
+from support.live_server import metric, slots_drain
 
-from live_server import metric, slots_drain
+pytestmark = pytest.mark.slow  # two 30 s rounds of load
 
 CLIENTS = 64
 ROUND_S = float(os.environ.get("LIGHTLLM_LOAD_ROUND_S", "30"))  # two rounds: 60 s of load in all
@@ -41,8 +42,8 @@ READ_TIMEOUT_S = 60  # no gap between two events of one stream may be longer tha
 
 
 @pytest.fixture(scope="module")
-def server(launch_server):
-    return launch_server()
+def server(default_server):
+    return default_server  # the session's shared default-model server: counters are read as deltas
 
 
 @pytest.fixture(scope="module")
@@ -215,7 +216,8 @@ def _round(server, model) -> dict:
 
 
 def test_64_streaming_clients_with_a_quarter_disconnecting_lose_nothing_and_leak_nothing(server, model):
-    assert metric(server, "lightllm_kv_slots_used") == 0
+    # the shared server is idle (its gauges lag the last request by up to one 0.1 s report)
+    assert slots_drain(server)
     rounds = [_round(server, model), _round(server, model)]
     for r in rounds:
         assert not r["failures"], "\n".join(r["failures"][:20])

@@ -9,16 +9,15 @@ import time
 
 import httpx
 import pytest
-
-from live_server import metric, slots_drain, sse_events
+from support.live_server import metric, metric_total, slots_drain, sse_events
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 TIMEOUT = httpx.Timeout(120.0)
 
 
 @pytest.fixture(scope="module")
-def server(launch_server):
-    return launch_server()
+def server(default_server):
+    return default_server  # the session's shared default-model server: counters are read as deltas
 
 
 def post(server, path, body, timeout=TIMEOUT) -> httpx.Response:
@@ -41,15 +40,20 @@ def test_health(server):
         assert httpx.get(server.url + path, timeout=10).status_code == 200
 
 
-def test_generate_answers_paris_via_messages(server):
+def test_generate_answers_paris_via_messages(server, offline):
+    from lightllm_plugin.sampling_params import SamplingParams
+
     r = post(server, "/generate", {"messages": QUESTION, "parameters": greedy(20)})
     assert r.status_code == 200, r.text
     body = r.json()
     assert set(body) >= {"generated_text", "count_output_tokens", "finish_reason", "prompt_tokens"}
     assert isinstance(body["generated_text"], list) and len(body["generated_text"]) == 1
     assert "Paris" in body["generated_text"][0]
-    assert body["finish_reason"] in ("stop", "length") and body["prompt_tokens"] > 0
-    assert 1 <= body["count_output_tokens"] <= 20
+    # the counts are the offline engine's for the same chat, exactly
+    (want,) = offline.chat([QUESTION], SamplingParams(temperature=0.0, max_new_tokens=20), use_tqdm=False)
+    assert body["prompt_tokens"] == len(want.prompt_token_ids)
+    assert body["count_output_tokens"] == len(want.outputs[0].token_ids)
+    assert body["finish_reason"] == want.outputs[0].finish_reason
 
 
 @pytest.fixture(scope="module")
@@ -149,6 +153,7 @@ def test_stop_sequence_cuts_exactly_before_it(server, chat_prompt, reference_ans
 
 
 def test_dropping_the_connection_mid_stream_frees_the_slots(server):
+    assert slots_drain(server)  # idle first: a used slot below must be this request's
     aborted_before = _abort_count(server)
     body = json.dumps({"inputs": "Write a long story about a dragon.", "parameters": greedy(400, ignore_eos=True)}).encode()
     head = (
@@ -175,11 +180,7 @@ def test_dropping_the_connection_mid_stream_frees_the_slots(server):
 
 
 def _abort_count(server) -> float:
-    text = httpx.get(server.url + "/metrics", timeout=10).text
-    for line in text.splitlines():
-        if line.startswith('lightllm_requests_finished_total{finish_reason="abort"}'):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+    return metric_total(server, 'lightllm_requests_finished_total{finish_reason="abort"}')
 
 
 BAD_INPUTS = [
@@ -198,6 +199,7 @@ BAD_INPUTS = [
 
 @pytest.mark.parametrize("path", ["/generate", "/generate_stream"])
 def test_bad_input_is_4xx_naming_the_field_and_the_server_stays_healthy(server, path):
+    rejected_before = metric_total(server, "lightllm_requests_rejected_total")
     for raw, status, words in BAD_INPUTS:
         r = httpx.post(server.url + path, content=raw, headers={"content-type": "application/json"}, timeout=60)
         assert r.status_code == status, (raw[:60], r.status_code, r.text)
@@ -206,7 +208,8 @@ def test_bad_input_is_4xx_naming_the_field_and_the_server_stays_healthy(server, 
         assert httpx.get(server.url + "/health", timeout=10).status_code == 200
     r = post(server, path, {"inputs": "Hello", "parameters": greedy(2, ignore_eos=True)})
     assert r.status_code == 200
-    assert metric(server, "lightllm_requests_rejected_total") > 0
+    # each bad input counted once, the good request not at all
+    assert metric_total(server, "lightllm_requests_rejected_total") == rejected_before + len(BAD_INPUTS)
 
 
 def test_unknown_keys_are_tolerated_and_n_samples_come_back(server):
@@ -216,7 +219,25 @@ def test_unknown_keys_are_tolerated_and_n_samples_come_back(server):
     assert len(r.json()["generated_text"]) == 2
 
 
+COUNTED = ("lightllm_requests_finished_total", "lightllm_prompt_tokens_total", "lightllm_generation_tokens_total",
+           "lightllm_time_to_first_token_seconds_count", "lightllm_inter_token_latency_seconds_count")
+
+
 def test_metrics_count_requests_tokens_and_latencies(server):
+    # the server is shared: one request's exact effect on the counters, as deltas
+    before = {name: metric_total(server, name) for name in COUNTED}
+    length_before = metric_total(server, 'lightllm_requests_finished_total{finish_reason="length"}')
+    body = post(server, "/generate", {"inputs": "Once upon a time", "parameters": greedy(5, ignore_eos=True)}).json()
+    assert body["count_output_tokens"] == 5
+    delta = {name: metric_total(server, name) - before[name] for name in COUNTED}
+    assert delta == {
+        "lightllm_requests_finished_total": 1,
+        "lightllm_prompt_tokens_total": body["prompt_tokens"],
+        "lightllm_generation_tokens_total": 5,
+        "lightllm_time_to_first_token_seconds_count": 1,
+        "lightllm_inter_token_latency_seconds_count": 4,  # between 5 tokens
+    }
+    assert metric_total(server, 'lightllm_requests_finished_total{finish_reason="length"}') == length_before + 1
     text = httpx.get(server.url + "/metrics", timeout=10).text
     for name in (
         "lightllm_requests_finished_total",
@@ -231,5 +252,4 @@ def test_metrics_count_requests_tokens_and_latencies(server):
     ):
         assert name in text, name
     assert metric(server, "lightllm_kv_slots_total") == 8192
-    assert metric(server, "lightllm_generation_tokens_total") > 0
     assert slots_drain(server), "slots still in use after every request ended"

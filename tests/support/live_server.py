@@ -1,4 +1,16 @@
-"""A real server in a subprocess on 127.0.0.1, and small helpers to talk to it."""
+"""A real server in a subprocess on 127.0.0.1, and small helpers to talk to it.
+
+A pytest plugin (tests/conftest.py lists it in `pytest_plugins`), so its fixtures reach every
+test directory:
+- `default_server`: ONE server with the default model and BASE_FLAGS, started the first time a
+  test asks for it and shared by the whole session. Tests on it must leave it as they found it
+  (no slot held, nothing queued) and read counters as before/after deltas, since other modules
+  use it too.
+- `launch_server(*flags)`: a module's own servers, for tests that need other flags, a tiny model,
+  kill a child, overload the queue or need counters from zero.
+Either way, teardown checks that SIGTERM stops the server with exit code 0, leaving no process
+and no run directory.
+"""
 
 from __future__ import annotations
 
@@ -106,9 +118,19 @@ class ServerProcess:
         return [p.pid for p in alive]
 
 
+def check_clean_stop(server: ServerProcess) -> None:
+    """SIGTERM `server`; it must exit with code 0 leaving no process and no run directory."""
+    code = server.stop()
+    leftovers = server.reap()
+    assert code == 0, f"SIGTERM should stop the server with exit code 0, got {code}"
+    assert not leftovers, f"processes {leftovers} outlived the server"
+    assert server.run_dir and not os.path.exists(server.run_dir), "run dir left behind"
+
+
 @pytest.fixture(scope="module")
 def launch_server():
-    """Start servers with launch_server(*flags); teardown checks SIGTERM stops each cleanly."""
+    """Start servers with launch_server(*flags); teardown checks SIGTERM stops each cleanly
+    (a server a test already ended, e.g. by killing a child, is only reaped)."""
     started: list[ServerProcess] = []
 
     def launch(*flags: str, env: dict[str, str] | None = None) -> ServerProcess:
@@ -118,14 +140,36 @@ def launch_server():
         return server
 
     yield launch
-    for server in started:
-        was_running = server.proc.poll() is None
-        code = server.stop()
-        leftovers = server.reap()
-        if was_running:
-            assert code == 0, f"SIGTERM should stop the server with exit code 0, got {code}"
-            assert not leftovers, f"processes {leftovers} outlived the server"
-            assert server.run_dir and not os.path.exists(server.run_dir), "run dir left behind"
+    problems = []
+    for server in started:  # every one is stopped, even after another one's check failed
+        if server.proc.poll() is None:
+            try:
+                check_clean_stop(server)
+            except AssertionError as exc:
+                problems.append(str(exc))
+        else:
+            server.reap()
+    assert not problems, "; ".join(problems)
+
+
+@pytest.fixture(scope="session")
+def default_server():
+    """The session's one server with the default model and BASE_FLAGS only (see the module
+    docstring). Nothing may stop it early: at session end it must still be running, and SIGTERM
+    must stop it cleanly."""
+    server = ServerProcess()
+    try:
+        server.wait_ready()
+    except BaseException:
+        server.stop()
+        server.reap()
+        raise
+    yield server
+    exited = server.proc.poll()
+    if exited is not None:
+        server.reap()
+        pytest.fail(f"the shared default server exited with {exited} during the session:\n{server.output[-4000:]}")
+    check_clean_stop(server)
 
 
 def metric(server: ServerProcess, name: str) -> float:
@@ -134,6 +178,13 @@ def metric(server: ServerProcess, name: str) -> float:
         if line.startswith(name + " ") or line.startswith(name + "{"):
             return float(line.rsplit(" ", 1)[1])
     raise KeyError(name)
+
+
+def metric_total(server: ServerProcess, name: str) -> float:
+    """A counter summed over all its labels (0 while no sample has a label yet)."""
+    text = httpx.get(server.url + "/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + " ") or line.startswith(name + "{"))
 
 
 def slots_drain(server: ServerProcess, timeout: float = 20.0) -> bool:
