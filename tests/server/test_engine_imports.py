@@ -12,7 +12,7 @@ import sys
 import httpx
 import pytest
 from lightllm_test_models import MODULE_RECORDING, MODULES_DIR_ENV
-from support.live_server import ServerProcess, check_clean_stop, free_port
+from support.live_server import free_port
 from support.model_plugin import build_tiny_checkpoint, with_pythonpath
 
 pytestmark = pytest.mark.slow
@@ -28,16 +28,12 @@ def recording_model(tmp_path_factory) -> str:
     return build_tiny_checkpoint(tmp_path_factory.mktemp("recording"), MODULE_RECORDING)
 
 
-def test_the_router_and_a_tp_rank_import_no_http_stack(recording_model, test_models_plugin, tmp_path):
+def test_the_router_and_a_tp_rank_import_no_http_stack(launch_server, recording_model, test_models_plugin, tmp_path):
     env = with_pythonpath(test_models_plugin, **{MODULES_DIR_ENV: str(tmp_path)})
-    server = ServerProcess("--model_dir", recording_model, "--tp", "2", "--nccl_port", str(free_port()), env=env)
-    try:
-        server.wait_ready()
-        r = httpx.post(server.url + "/generate", json={"inputs": "Hello", "parameters": {"max_new_tokens": 3}},
-                       timeout=120)
-        assert r.status_code == 200
-    finally:
-        check_clean_stop(server)
+    server = launch_server("--model_dir", recording_model, "--tp", "2", "--nccl_port", str(free_port()), env=env)
+    r = httpx.post(server.url + "/generate", json={"inputs": "Hello", "parameters": {"max_new_tokens": 3}},
+                   timeout=120)
+    assert r.status_code == 200
     records = [json.loads(p.read_text()) for p in tmp_path.glob("*.json")]
     # each child names itself lightllm:<role>, cut to the kernel's 15 characters
     assert sorted(r["process"] for r in records) == ["lightllm:router", "lightllm:tp_rank1"[:15]]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import httpx
 import pytest
 from lightllm_test_models import FAULT_TOKEN_ENV, FAULTY
-from support.live_server import ServerProcess, free_port, slots_drain
+from support.live_server import free_port, slots_drain
 from support.model_plugin import build_tiny_checkpoint, with_pythonpath
 
 pytestmark = pytest.mark.slow
@@ -51,23 +51,20 @@ def test_a_failing_step_fails_its_requests_with_500_and_the_server_goes_on(serve
     assert "a step failed" in server.output and "StepFault" in server.output
 
 
-def test_a_failed_step_under_tp_answers_its_request_and_ends_the_server_naming_the_router(faulty_model, fault_env):
+def test_a_failed_step_under_tp_answers_its_request_and_ends_the_server_naming_the_router(
+    launch_server, faulty_model, fault_env
+):
     """Rank 1 has the step's plan and waits in its collectives for rank 0, whose step failed: no
     later step could pair with it, so the router stops and the server exits, leaving nothing."""
-    server = ServerProcess("--model_dir", faulty_model, "--tp", "2", "--nccl_port", str(free_port()), env=fault_env)
+    server = launch_server("--model_dir", faulty_model, "--tp", "2", "--nccl_port", str(free_port()), env=fault_env)
+    ok = httpx.post(server.url + "/generate", json={"inputs": "Hello", "parameters": {"max_new_tokens": 2}},
+                    timeout=120)
+    assert ok.status_code == 200
     try:
-        server.wait_ready()
-        ok = httpx.post(server.url + "/generate", json={"inputs": "Hello", "parameters": {"max_new_tokens": 2}},
-                        timeout=120)
-        assert ok.status_code == 200
-        try:
-            bad = httpx.post(server.url + "/generate", timeout=60,
-                             json={"inputs": "Hello" + MARKER, "parameters": {"max_new_tokens": 2}})
-            assert bad.status_code in (500, 503), bad.text
-        except httpx.TransportError:
-            pass  # the server went down before it could write the answer
-        server.wait_ended_by("a failed step leaves the 2 tensor-parallel ranks out of step", timeout=15)
-        assert "router process" in server.output
-    finally:
-        server.stop()
-        server.reap()
+        bad = httpx.post(server.url + "/generate", timeout=60,
+                         json={"inputs": "Hello" + MARKER, "parameters": {"max_new_tokens": 2}})
+        assert bad.status_code in (500, 503), bad.text
+    except httpx.TransportError:
+        pass  # the server went down before it could write the answer
+    server.wait_ended_by("a failed step leaves the 2 tensor-parallel ranks out of step", timeout=15)
+    assert "router process" in server.output
