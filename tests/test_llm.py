@@ -165,3 +165,13 @@ def test_unknown_model_path_and_architecture(tmp_path):
     transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="GPT2LMHeadModel"):
         LLM(str(tmp_path), progress=False)
+
+
+def test_the_samples_of_a_seed_at_the_top_of_the_range_get_the_wrapped_seeds_the_server_gives(llm):
+    """LLM and the server's tokenizer process derive sample seeds with one function
+    (SamplingParams.for_sample): sample 1 of seed 2**63-1 is the request seeded -2**63."""
+    ids = _chat_ids(llm, "Tell me a story.")
+    params = dict(temperature=1.0, max_new_tokens=8, ignore_eos=True)
+    both = llm.generate([ids], SamplingParams(n=2, seed=2**63 - 1, **params), use_tqdm=False)[0].outputs
+    wrapped = llm.generate([ids], SamplingParams(seed=-(2**63), **params), use_tqdm=False)[0].outputs[0]
+    assert both[1].token_ids == wrapped.token_ids

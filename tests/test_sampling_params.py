@@ -33,3 +33,10 @@ def test_round_trips_through_msgpack_with_validation():
     bad = msgspec.msgpack.encode({"temperature": -1.0})
     with pytest.raises((ValueError, msgspec.ValidationError)):
         msgspec.msgpack.decode(bad, type=SamplingParams)
+
+
+def test_each_sample_gets_the_seed_plus_its_index_wrapped_into_64_bits():
+    top = SamplingParams(n=3, seed=2**63 - 1)
+    assert [top.for_sample(i).seed for i in range(3)] == [2**63 - 1, -(2**63), -(2**63) + 1]
+    assert all(top.for_sample(i).n == 1 for i in range(3))
+    assert SamplingParams(n=2).for_sample(1).seed is None
