@@ -93,7 +93,11 @@ def kv_scatter(
     if kv_scale is not None:
         strided_ok = strided_ok and kv_scale.stride(-1) == 1
     if not (use_triton(kv_layer) and strided_ok):
-        kv_scatter_ref(kv_layer, k, v, slots, kv_scale)
+        if kv_scale is None and kv_layer.device.type == "cpu":
+            # one row copy per token for K and V together (the reference writes them apart)
+            kv_layer.index_copy_(0, slots, torch.cat([k, v], dim=1).to(kv_layer.dtype))
+        else:
+            kv_scatter_ref(kv_layer, k, v, slots, kv_scale)
         return
     tokens, kv_heads, head_dim = k.shape
     if tokens == 0:

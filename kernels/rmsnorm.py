@@ -10,6 +10,7 @@ view into the fused qkv output, so the kernel takes strides instead of a copy).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from lightllm_plugin.kernels._triton import cdiv, jit, next_pow2, tl, use_triton
 
@@ -105,4 +106,10 @@ def rmsnorm(
         raise ValueError(f"rmsnorm: residual {tuple(residual.shape)} != x {tuple(x.shape)}")
     if use_triton(x):
         return _rmsnorm_triton(x, weight, eps, residual)
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        # the reference's arithmetic in torch's composite rms_norm: the same bits, fewer Python calls
+        # (on CPU a decode step is mostly per-op overhead)
+        if residual is not None:
+            x = x + residual
+        return F.rms_norm(x, (x.shape[-1],), weight, eps), x
     return rmsnorm_ref(x, weight, eps, residual)

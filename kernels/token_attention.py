@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
 from lightllm_plugin.kernels._triton import use_triton
 from lightllm_plugin.kernels.decode_attention import decode_attention
 from lightllm_plugin.kernels.prefill_attention import prefill_attention
@@ -83,6 +82,93 @@ def token_attention_ref(
     return out
 
 
+# ---- the CPU implementation: SDPA on each request's K/V, read in place or gathered ----
+def _read_kv(kv_layer: torch.Tensor, kv_scale: torch.Tensor | None, slots: torch.Tensor, dtype: torch.dtype,
+             may_be_a_run: bool = True) -> torch.Tensor:
+    """The K and V of `slots` as [2*Hkv, len(slots), D] in `dtype` (int8 ones dequantized). A run
+    of consecutive slots (the free-list hands them out in ascending runs) is read in place: the
+    pool's [slots, 2*Hkv, D] layout makes it a strided view; other slots are gathered."""
+    first, n = int(slots[0]), slots.shape[0]
+    if may_be_a_run and torch.equal(slots, torch.arange(first, first + n, dtype=slots.dtype)):
+        kv = kv_layer[first : first + n]
+        scales = None if kv_scale is None else kv_scale[first : first + n]
+    else:
+        kv = kv_layer.index_select(0, slots)
+        scales = None if kv_scale is None else kv_scale.index_select(0, slots)
+    if scales is not None:
+        kv = kv.to(dtype) * scales.to(dtype)[..., None]
+    return kv.to(dtype).transpose(0, 1)
+
+
+def _decode_cpu(q: torch.Tensor, kv_layer, kv_scale, req_to_token, rows: torch.Tensor, lens: list[int],
+                scale) -> torch.Tensor:
+    """q: [B, H, D], one query per request -> [B, H, D]. A GQA group's query heads are the rows of
+    one SDPA "sequence" over its kv head (no causal mask: every key is visible), so K/V are never
+    repeated per head."""
+    batch, kv_heads, head_dim = len(rows), kv_layer.shape[1] // 2, q.shape[-1]
+    max_len = max(lens)
+    # the pool's dtype for SDPA: a bfloat16 pool is read as it is, half the bytes of float32
+    dtype = q.dtype if kv_scale is not None else kv_layer.dtype
+    mask = None
+    if batch == 1:
+        kv = _read_kv(kv_layer, kv_scale, req_to_token[rows[0], :max_len], dtype)[None]
+    else:  # padded to the longest row, the padding masked; the rows' runs do not join up
+        slots = req_to_token[rows, :max_len].reshape(-1)
+        kv = _read_kv(kv_layer, kv_scale, slots, dtype, may_be_a_run=False)
+        kv = kv.view(2 * kv_heads, batch, max_len, head_dim).transpose(0, 1)
+        if min(lens) != max_len:
+            mask = (torch.arange(max_len)[None, :] < torch.tensor(lens)[:, None])[:, None, None, :]
+    qd = q.view(batch, kv_heads, -1, head_dim).to(dtype)
+    o = F.scaled_dot_product_attention(qd, kv[:, :kv_heads], kv[:, kv_heads:], attn_mask=mask, scale=scale)
+    return o.view(batch, -1, head_dim).to(q.dtype)
+
+
+def _prefill_cpu(q, kv_layer, kv_scale, slots: torch.Tensor, start: int, n: int, scale, out):
+    # n queries at positions len-n .. len-1, causal; float32 math (on AVX-512 the float32 flash
+    # kernel outruns the bfloat16 one), K/V repeated per query head (SDPA's GQA mode is slower)
+    length, kv_heads, group = slots.shape[0], kv_layer.shape[1] // 2, q.shape[1] // (kv_layer.shape[1] // 2)
+    kv = _read_kv(kv_layer, kv_scale, slots, torch.float32)
+    # 4-d: SDPA takes its flash kernel only for [batch, heads, len, dim]
+    k, v = kv[None, :kv_heads].repeat_interleave(group, 1), kv[None, kv_heads:].repeat_interleave(group, 1)
+    qb = q[None, start : start + n].transpose(1, 2).float()  # [1, H, n, D]
+    if n == length:
+        o = F.scaled_dot_product_attention(qb, k, v, is_causal=True, scale=scale)
+    else:  # a cached prefix: SDPA's is_causal aligns top-left, this mask bottom-right
+        mask = torch.arange(length)[None, :] <= torch.arange(length - n, length)[:, None]
+        o = F.scaled_dot_product_attention(qb, k, v, attn_mask=mask, scale=scale)
+    out[start : start + n] = o[0].transpose(0, 1).to(out.dtype)
+
+
+def token_attention_cpu(
+    q: torch.Tensor,  # [T, H, D]
+    kv_layer: torch.Tensor,  # [slots+1, 2*Hkv, D]; may be of a lower dtype than q
+    req_to_token: torch.Tensor,
+    b_req_idx: torch.Tensor,
+    b_seq_len: torch.Tensor,
+    b_q_start: torch.Tensor,
+    b_q_len: torch.Tensor,
+    scale: float,
+    kv_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The engine's attention on CPU, the same results as token_attention_ref: decode rows in one
+    SDPA call (padded to the longest), each prefill row in one causal SDPA call."""
+    req_idx, seq_len = b_req_idx.tolist(), b_seq_len.tolist()
+    if len(req_idx) == q.shape[0]:  # a decode step: every row one query, in order
+        return _decode_cpu(q, kv_layer, kv_scale, req_to_token, b_req_idx, seq_len, scale)
+    out = torch.empty_like(q)
+    q_start, q_len = b_q_start.tolist(), b_q_len.tolist()
+    decode = [b for b in range(len(req_idx)) if q_len[b] == 1]
+    if decode:
+        at = torch.tensor([q_start[b] for b in decode])
+        out[at] = _decode_cpu(q[at], kv_layer, kv_scale, req_to_token, b_req_idx[decode],
+                              [seq_len[b] for b in decode], scale)
+    for b in range(len(req_idx)):
+        if q_len[b] > 1:
+            slots = req_to_token[req_idx[b], : seq_len[b]]
+            _prefill_cpu(q, kv_layer, kv_scale, slots, q_start[b], q_len[b], scale, out)
+    return out
+
+
 def token_attention(
     q: torch.Tensor,
     kv_layer: torch.Tensor,
@@ -110,4 +196,6 @@ def token_attention(
                                     kv_scale=kv_scale)
         return prefill_attention(q, kv_layer, req_to_token, b_req_idx, b_seq_len, b_q_start, b_q_len, scale,
                                  kv_scale=kv_scale)
+    if q.device.type == "cpu":
+        return token_attention_cpu(q, kv_layer, req_to_token, b_req_idx, b_seq_len, b_q_start, b_q_len, scale, kv_scale)
     return token_attention_ref(q, kv_layer, req_to_token, b_req_idx, b_seq_len, b_q_start, b_q_len, scale, kv_scale)

@@ -22,7 +22,8 @@ HELP = {
     "model_dir": "Hugging Face model folder or GGUF file (default: SmolLM2-135M-Instruct, fetched once)",
     "tokenizer_mode": "tokenizer loading mode (auto: the fast tokenizer)",
     "trust_remote_code": "allow the model folder's own tokenizer code to run",
-    "data_type": "weights and activations dtype: auto, float32, float16, bfloat16 (CPU always uses float32)",
+    "data_type": "auto, float32, float16, bfloat16; on CPU, below float32 means quantized weights for decode "
+                 "and a bfloat16 KV cache (see README: Engine settings)",
     "device": "auto, cpu or cuda",
     "eos_id": "extra end-of-sequence token ids, added to the model's own",
     "max_total_token_num": "KV cache size in tokens (default: measured from free memory and --mem_fraction)",

@@ -23,7 +23,9 @@ CHATS = [
 
 @pytest.fixture(scope="module")
 def llm():
-    return LLM(max_total_token_num=6000, max_req_total_len=1024, max_req_input_len=512, progress=False)
+    # float32: the checks below are against HF's float32 tokens and logprobs
+    return LLM(data_type="float32", max_total_token_num=6000, max_req_total_len=1024, max_req_input_len=512,
+               progress=False)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,10 @@ from lightllm_plugin.models.kv_cache import KV_SCALE_DTYPE, QuantizedKVCache
 
 
 class SlotFreeList:
-    """A stack of free slot indices. Pure python: allocation never touches the device."""
+    """A stack of free slot indices. Pure python: allocation never touches the device.
+
+    Slots come out in ascending runs and go back so that they come out that way again: the KV
+    of a request whose slots are one run can be read in place (the CPU attention does)."""
 
     def __init__(self, total_slots: int):
         if total_slots < 1:
@@ -41,10 +44,11 @@ class SlotFreeList:
             return []
         slots = self._free[-n:]
         del self._free[-n:]
+        slots.reverse()
         return slots
 
     def free(self, slots: list[int]) -> None:
-        self._free.extend(slots)
+        self._free.extend(reversed(slots))
         if len(self._free) > self.total_slots:
             raise RuntimeError("KV slot freed twice: the free-list grew past the pool size")
 

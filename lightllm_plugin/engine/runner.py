@@ -26,7 +26,9 @@ from lightllm_plugin.engine.sampling import (
     launch_sample,
 )
 from lightllm_plugin.engine.step_plan import PlanSender, StepPlan
+from lightllm_plugin.models.cpu_weights import quantize_projections
 from lightllm_plugin.models.kv_cache import AttentionMetadata, QuantizedKVCache
+from lightllm_plugin.models.llama import Projection
 from lightllm_plugin.models.loader import (
     InMemoryCheckpoint,
     load_checkpoint,
@@ -69,15 +71,11 @@ def resolve_device_and_dtype(config: EngineConfig) -> tuple[torch.device, torch.
     device = torch.device(device_name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device=cuda was asked for but CUDA is not available")
-    dtype_name = config.data_type
-    if dtype_name == "auto":
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    else:
-        dtype = _DTYPES[dtype_name]
-        if device.type == "cpu" and dtype != torch.float32:
-            # half-precision matmuls on CPU are slow and lose accuracy; LazyLLM passes float16 by default
-            logger.warning("data_type=%s on CPU: using float32 instead", dtype_name)
-            dtype = torch.float32
+    dtype = torch.bfloat16 if config.data_type == "auto" else _DTYPES[config.data_type]
+    if device.type == "cpu" and dtype == torch.float16:
+        # LazyLLM passes float16 by default; the CPU kernels' low precision is bfloat16
+        logger.info("data_type=float16 on CPU: running the bfloat16 CPU path")
+        dtype = torch.bfloat16
     return device, dtype
 
 
@@ -98,18 +96,28 @@ class ModelRunner:
         self.device, self.dtype = resolve_device_and_dtype(config)
         # what the KV pool stores: the model dtype, or int8 values with float16 scales
         self.kv_dtype = torch.int8 if config.kv_cache_dtype == "int8" else self.dtype
-        config.resolved_device, config.resolved_dtype = self.device.type, str(self.dtype).removeprefix("torch.")
+        # below float32 on CPU: float32 activations, quantized projections for decode steps
+        # (models/cpu_weights.py) and a KV pool of self.dtype
+        cpu_quantized = self.device.type == "cpu" and self.dtype != torch.float32
+        model_dtype = torch.float32 if cpu_quantized else self.dtype
+        config.resolved_device = self.device.type
+        config.resolved_dtype = str(self.dtype).removeprefix("torch.")
         models = registered_models(skip_broken=config.skip_broken_plugins)
         if checkpoint is not None:
             self.model, self.model_cfg = load_checkpoint(
-                checkpoint, self.dtype, self.device, config.max_req_total_len, progress=progress, tp=tp_group,
+                checkpoint, model_dtype, self.device, config.max_req_total_len, progress=progress, tp=tp_group,
                 models=models,
             )
         else:
             self.model, self.model_cfg = load_model(
-                model_kind, model_path, self.dtype, self.device, config.max_req_total_len, progress=progress,
+                model_kind, model_path, model_dtype, self.device, config.max_req_total_len, progress=progress,
                 tp=tp_group, models=models,
             )
+        if cpu_quantized:
+            # auto keeps only what the checkpoint quantized; an explicit bfloat16/float16 adds int8
+            counts = quantize_projections(self.model, Projection, int8=config.data_type != "auto")
+            logger.info("CPU decode: %d projections keep their 4-bit codes, %d get int8 codes, KV cache %s",
+                        counts["int4"], counts["int8"], config.resolved_dtype)
         self._clamp_lengths_to_model()
         self.req_table = ReqTable(config.running_max_req_size, config.max_req_total_len, self.device)
         self.kv_pool: torch.Tensor | QuantizedKVCache | None = None

@@ -62,7 +62,6 @@ def _offline_rank_main(config: EngineConfig, rank: int, run_dir: str, parent_pid
 
     from tqdm import tqdm
 
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     # tqdm's default lock is a named semaphore, reported as leaked when close() terminates us
     tqdm.set_lock(threading.RLock())
     serve_rank(config, rank, run_dir, lambda: os.getppid() == parent_pid)

@@ -159,10 +159,8 @@ def warm_up(core) -> None:
 def run_router(config: EngineConfig, addresses: Addresses, parent_pid: int) -> None:
     """Process entry point."""
     child_process.bootstrap("router", parent_pid)
-    # The api, tokenizer and detokenizer processes share the CPU with this one. OpenMP's
-    # default spin-waiting makes torch's CPU ops 10-20x slower as soon as another process
-    # holds a core; passive waiting costs little. Must be set before torch loads.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # The api, tokenizer and detokenizer processes share the CPU with this one: OpenMP's spin
+    # is bounded by the package (lightllm_plugin/__init__.py), before torch loads.
     from lightllm_plugin.engine.core import (
         EngineCore,  # torch is heavy: import in the child only
     )

@@ -3,7 +3,6 @@ is the router's own runner; it plans every forward and these ranks follow."""
 
 from __future__ import annotations
 
-import os
 
 from lightllm_plugin.config import EngineConfig
 from lightllm_plugin.server import child_process
@@ -17,7 +16,6 @@ def tp_rank_role(rank: int) -> str:
 def run_tp_rank(config: EngineConfig, addresses: Addresses, parent_pid: int, rank: int) -> None:
     """Process entry point."""
     child_process.bootstrap(tp_rank_role(rank), parent_pid)
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the router: see run_router
     from lightllm_plugin.engine.tp_worker import serve_rank  # torch is heavy: import in the child only
 
     serve_rank(config, rank, addresses.run_dir, lambda: child_process.parent_alive(parent_pid))

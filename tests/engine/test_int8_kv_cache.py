@@ -13,8 +13,8 @@ from lightllm_plugin import LLM, SamplingParams
 
 
 def _llm(kv_cache_dtype):
-    return LLM(kv_cache_dtype=kv_cache_dtype, max_total_token_num=4096, max_req_total_len=2048,
-               max_req_input_len=512, progress=False)
+    return LLM(data_type="float32", kv_cache_dtype=kv_cache_dtype, max_total_token_num=4096,
+               max_req_total_len=2048, max_req_input_len=512, progress=False)
 
 
 @pytest.fixture(scope="module")
