@@ -29,7 +29,8 @@ def model_dir(tmp_path_factory):
 
 
 def _runner(model_dir, **kw):
-    cfg = EngineConfig(model_dir=model_dir, device="cuda", max_req_total_len=1024, max_req_input_len=512, **kw)
+    cfg = EngineConfig(**{"model_dir": model_dir, "device": "cuda", "max_req_total_len": 1024, "max_req_input_len": 512,
+                          **kw})
     return cfg, ModelRunner(cfg, "hf", model_dir, progress=False)
 
 
@@ -64,8 +65,9 @@ def test_profiled_pool_fits_free_memory(model_dir):
     gc.collect()
     torch.cuda.empty_cache()
     free_before = torch.cuda.mem_get_info()[0]
-    # a request cap high enough that free memory, not the cap, sizes the pool
-    cfg, runner = _runner(model_dir, mem_fraction=0.5, running_max_req_size=8192)
+    # a request cap high enough that free memory, not the cap, sizes the pool: half of an H200's
+    # 139 GiB holds 11M tokens of this model, more than 8192 requests of 1024 tokens
+    cfg, runner = _runner(model_dir, mem_fraction=0.5, running_max_req_size=8192, max_req_total_len=2048)
     slots = runner.size_kv_pool()
     mc = runner.model_cfg
     pool_bytes = slots * kv_bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim, runner.dtype)
