@@ -27,8 +27,9 @@ class EngineConfig:
     model_dir: str | None = None  # None: the default model (DESIGN.md)
     tokenizer_mode: str = "auto"
     trust_remote_code: bool = False
-    # auto: bfloat16 on CUDA; on CPU float32 activations with the checkpoint's 4-bit weights kept for
-    # decode steps and a bfloat16 KV cache (bfloat16/float16 on CPU add int8 weights; models/cpu_weights.py)
+    # auto: bfloat16 on CUDA, float32 on CPU. bfloat16/float16 on CPU: float32 activations, quantized
+    # projections for decode rows (the checkpoint's 4-bit codes, else int8) and a bfloat16 KV cache
+    # (models/cpu_weights.py)
     data_type: str = "auto"
     device: str = "auto"  # auto: cuda when available, else cpu
     eos_id: list[int] | None = None  # extra eos ids, added to the model's own

@@ -60,13 +60,30 @@ def _int8_codes(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8), scale
 
 
+class StepRows:
+    """Which packed rows of the step about to run are decode tokens (a request's one new token).
+    Only those take the quantized kernels; prompt tokens take the float32 weight. So a row's
+    arithmetic depends on what the row is, never on what else shares its step: a prompt sent alone
+    or packed with others, a stream decoding alone or beside a prefill, gets the same tokens. The
+    runner updates it before each forward; until then every row counts as a decode row."""
+
+    def __init__(self):
+        self.decode: torch.Tensor | None = None  # row indices; None: every row
+
+    def update(self, q_start: torch.Tensor, q_len: torch.Tensor) -> None:
+        one = q_len == 1
+        self.decode = None if bool(one.all()) else q_start[one]
+
+
 class QuantizedProjection(nn.Module):
-    """y = x W^T (+ b) for float32 x: through the int4 or int8 kernel for a few rows, through the
-    float32 weight for many. Build it with `from_int4` or `from_int8`."""
+    """y = x W^T (+ b) for float32 x: the decode rows of a step (StepRows) through the int4 or int8
+    kernel while there are a few, every other row through the float32 weight. Build it with
+    `from_int4` or `from_int8`."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, kind: str, codes: torch.Tensor,
-                 scales: torch.Tensor):
+                 scales: torch.Tensor, step_rows: StepRows | None = None):
         super().__init__()
+        self.step_rows = StepRows() if step_rows is None else step_rows
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.kind = kind
@@ -74,20 +91,27 @@ class QuantizedProjection(nn.Module):
         self.register_buffer("scales", scales)
 
     @classmethod
-    def from_int4(cls, weight, bias, four_bit) -> QuantizedProjection:
+    def from_int4(cls, weight, bias, four_bit, step_rows: StepRows | None = None) -> QuantizedProjection:
         codes, scale, low = four_bit
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
         # the kernel reads (code - 8) * scale + zero: the minimum moved to the middle level
         scales_and_zeros = torch.stack([scale, low + 8 * scale], dim=-1).transpose(0, 1)  # [K/32, N, 2]
-        return cls(weight, bias, "int4", packed, scales_and_zeros.contiguous().to(KERNEL_DTYPE))
+        return cls(weight, bias, "int4", packed, scales_and_zeros.contiguous().to(KERNEL_DTYPE), step_rows)
 
     @classmethod
-    def from_int8(cls, weight, bias) -> QuantizedProjection:
-        return cls(weight, bias, "int8", *_int8_codes(weight))
+    def from_int8(cls, weight, bias, step_rows: StepRows | None = None) -> QuantizedProjection:
+        return cls(weight, bias, "int8", *_int8_codes(weight), step_rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] > GEMV_MAX_ROWS:
-            return F.linear(x, self.weight, self.bias)
+        decode = self.step_rows.decode
+        if decode is None:  # a decode step
+            return self._quantized(x) if x.shape[0] <= GEMV_MAX_ROWS else F.linear(x, self.weight, self.bias)
+        out = F.linear(x, self.weight, self.bias)
+        if 0 < decode.numel() <= GEMV_MAX_ROWS:
+            out[decode] = self._quantized(x[decode])
+        return out
+
+    def _quantized(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.to(KERNEL_DTYPE).contiguous()
         if self.kind == "int4":
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.codes, _GROUP, self.scales)
@@ -116,14 +140,17 @@ class RescoredHead(nn.Module):
         rows = torch.round(x / x_scale).to(torch.int8)
         logits = torch._int_mm(rows, self.codes.t()).float().mul_(x_scale).mul_(self.scales)
         best = logits.topk(min(RESCORED, logits.shape[1]), dim=1).indices  # [rows, RESCORED]
-        exact = torch.bmm(self.weight[best], x[:, :, None]).squeeze(2)
+        # products summed row by row: bmm's sums depend on how many rows there are, and a row's
+        # logits must not depend on what else shares its step
+        exact = (self.weight[best] * x[:, None, :]).sum(-1)
         return logits.scatter_(1, best, exact)
 
 
-def quantize_projections(model: nn.Module, kind: type, int8: bool) -> dict[str, int]:
+def quantize_projections(model: nn.Module, kind: type, int8: bool, step_rows: StepRows | None = None) -> dict[str, int]:
     """Replace the modules of exactly type `kind` (a subclass, such as a projection that talks to
-    other ranks, is left alone) that can be quantized by their QuantizedProjection, and a plain
-    linear lm_head by a RescoredHead. Returns how many projections became int4 and int8."""
+    other ranks, is left alone) that can be quantized by their QuantizedProjection, all reading
+    `step_rows`, and a plain linear lm_head by a RescoredHead. Returns how many projections became
+    int4 and int8."""
     counts = {"int4": 0, "int8": 0}
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
@@ -133,9 +160,9 @@ def quantize_projections(model: nn.Module, kind: type, int8: bool) -> dict[str, 
             bias = None if child.bias is None else child.bias.detach().float()
             four_bit = _int4_codes(weight)
             if four_bit is not None:
-                setattr(parent, name, QuantizedProjection.from_int4(weight, bias, four_bit))
+                setattr(parent, name, QuantizedProjection.from_int4(weight, bias, four_bit, step_rows))
             elif int8:
-                setattr(parent, name, QuantizedProjection.from_int8(weight, bias))
+                setattr(parent, name, QuantizedProjection.from_int8(weight, bias, step_rows))
             else:
                 continue
             counts[getattr(parent, name).kind] += 1

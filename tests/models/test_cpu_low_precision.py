@@ -1,6 +1,5 @@
-"""The CPU's default precision (quantized projections for decode, bfloat16 KV cache) against its
-float32 path, on the default model: it may stay the default only while its greedy output equals
-float32's on most of the test chats."""
+"""The CPU's bfloat16 path (quantized projections for decode, bfloat16 KV cache) against its
+float32 path, on the default model: its greedy output equals float32's on most of the test chats."""
 
 import pytest
 import torch
@@ -18,10 +17,11 @@ def _llm(data_type):
 
 @pytest.fixture(scope="module")
 def engines():
-    return _llm("float32"), _llm("auto")
+    return _llm("float32"), _llm("bfloat16")
 
 
-def test_auto_on_cpu_keeps_the_4_bit_weights_and_a_bfloat16_kv_cache(engines):
+def test_auto_is_float32_on_cpu_and_bfloat16_keeps_the_4_bit_weights_and_a_bfloat16_kv_cache(engines):
+    assert _llm("auto").config.resolved_dtype == "float32"
     full, low = engines
     assert full.config.resolved_dtype == "float32" and full.engine.runner.kv_pool.dtype == torch.float32
     assert low.config.resolved_dtype == "bfloat16"
@@ -38,7 +38,7 @@ def test_greedy_output_equals_float32_on_six_of_eight_chats(engines):
     messages = [[{"role": "user", "content": c}] for c in CHATS]
     full, low = (llm.chat(messages, params, use_tqdm=False) for llm in engines)
     same = [a.outputs[0].token_ids == b.outputs[0].token_ids for a, b in zip(full, low)]
-    print(f"default CPU precision greedy equal to float32 over the first {GREEDY_TOKENS} tokens:", same)
+    print(f"bfloat16 CPU path greedy equal to float32 over the first {GREEDY_TOKENS} tokens:", same)
     assert sum(same) >= 6, [(a.outputs[0].text, b.outputs[0].text) for a, b in zip(full, low)]
     for llm in engines:
         assert llm.engine.free_slots.num_free == llm.config.total_slots
