@@ -3,7 +3,6 @@ is the router's own runner; it plans every forward and these ranks follow."""
 
 from __future__ import annotations
 
-
 from lightllm_plugin.config import EngineConfig
 from lightllm_plugin.server import child_process
 from lightllm_plugin.server.protocol import Addresses
