@@ -8,9 +8,9 @@ from typing import Any
 
 from tqdm import tqdm
 
+from lightllm_plugin.chat_template import render_chat
 from lightllm_plugin.config import EngineConfig
 from lightllm_plugin.engine.core import EngineCore
-from lightllm_plugin.models.tokenizer import render_chat
 from lightllm_plugin.sampling_params import SamplingParams
 from lightllm_plugin.text_stream import PROMPT_CONTEXT_TOKENS, TextStream
 
@@ -47,7 +47,7 @@ class _Pending:
     cumulative: float = 0.0
     finish_reason: str | None = None
     stop_reason: str | int | None = None
-    text: TextStream | None = None
+    stream: TextStream | None = None  # its text, released piece by piece
     pieces: list[str] = field(default_factory=list)
 
 
@@ -166,7 +166,7 @@ class LLM:
                 rid = engine.new_request_id()
                 engine.add_request(rid, ids, sub)
                 stream = TextStream(self.tokenizer, ids[-PROMPT_CONTEXT_TOKENS:], sub.skip_special_tokens, sub.stop)
-                pending[rid] = _Pending(parent=i, index=k, params=sub, text=stream,
+                pending[rid] = _Pending(parent=i, index=k, params=sub, stream=stream,
                                         logprobs=[] if sub.logprobs is not None else None)
 
         done: list[_Pending] = []
@@ -181,10 +181,10 @@ class LLM:
                         entry.update({tid: lp for tid, lp in event.top_logprobs or []})
                         p.logprobs.append(entry)
                         p.cumulative += event.logprob
-                    piece, stopped = p.text.push(event.token_id, final=event.finish_reason is not None)
+                    piece, stopped = p.stream.push(event.token_id, final=event.finish_reason is not None)
                     p.pieces.append(piece)
                     if stopped:
-                        p.finish_reason, p.stop_reason = "stop", p.text.stops.reached
+                        p.finish_reason, p.stop_reason = "stop", p.stream.stops.reached
                         if event.finish_reason is None:
                             engine.finish(event.req_id)
                     elif event.finish_reason is not None:

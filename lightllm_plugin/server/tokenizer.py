@@ -15,8 +15,8 @@ import msgspec
 import zmq
 
 from lightllm_plugin import ipc
+from lightllm_plugin.chat_template import render_chat
 from lightllm_plugin.config import EngineConfig
-from lightllm_plugin.models.tokenizer import render_chat
 from lightllm_plugin.sampling_params import SamplingParams
 from lightllm_plugin.server import child_process
 from lightllm_plugin.server.protocol import (
