@@ -37,6 +37,10 @@ HELP = {
     "seed": "seed of the engine's sampler",
     "kv_cache_dtype": "KV cache storage: auto (the model dtype) or int8 (per-token-per-head scales, "
     "about twice the tokens; LightLLM's --mode triton_int8kv)",
+    "disable_dynamic_prompt_cache": "turn the prefix cache off: every prompt is computed in full, "
+    "even one the engine has just seen",
+    "disable_chunked_prefill": "prefill every prompt in one step (a long one then stalls the running streams)",
+    "chunked_prefill_size": "most prompt tokens prefilled in one step, beside the running decodes",
     "enforce_eager": "run every decode step eagerly instead of replaying CUDA graphs (CUDA only)",
     "host": "address to listen on",
     "port": "port to listen on",

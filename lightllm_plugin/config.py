@@ -44,6 +44,13 @@ class EngineConfig:
     long_truncation_mode: str | None = None  # None: reject long prompts; head/tail: cut
     seed: int = 0
     kv_cache_dtype: str = "auto"  # auto: the model dtype; int8: about twice the slots
+    # the prefix cache: a prompt's longest prefix the engine has seen (system prompt, tool list, chat
+    # history) is read from the KV it kept instead of being computed again
+    disable_dynamic_prompt_cache: bool = False
+    # a prompt longer than chunked_prefill_size is prefilled that many tokens a step, each step
+    # beside the running decodes, so a long prompt never stalls the streams (README: the default)
+    disable_chunked_prefill: bool = False
+    chunked_prefill_size: int = 512
     # decode steps replay CUDA graphs on GPUs; True runs every step eagerly (debugging, profiling)
     enforce_eager: bool = False
 
@@ -88,10 +95,12 @@ class EngineConfig:
             )
         if self.batch_max_tokens is None:
             self.batch_max_tokens = self.max_req_total_len
-        if self.batch_max_tokens < self.max_req_input_len:
+        if self.chunked_prefill_size < 1:
+            raise ConfigError(f"chunked_prefill_size must be >= 1, got {self.chunked_prefill_size}")
+        if self.disable_chunked_prefill and self.batch_max_tokens < self.max_req_input_len:
             raise ConfigError(
                 f"batch_max_tokens ({self.batch_max_tokens}) must be >= max_req_input_len "
-                f"({self.max_req_input_len}) or a long prompt could never be scheduled"
+                f"({self.max_req_input_len}) when chunked prefill is disabled, or a long prompt could never be scheduled"
             )
         if self.running_max_req_size < 1:
             raise ConfigError("running_max_req_size must be >= 1")

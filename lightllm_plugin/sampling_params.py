@@ -28,6 +28,7 @@ ACCEPTED = {
     "seed": {**_INT, "minimum": -(2**53), "maximum": 2**53},
     "logprobs": {**_INT, "minimum": 0, "maximum": 20},
     "stop_token_ids": {"type": "array", "items": {**_INT, "minimum": 0, "maximum": _INT32_MAX}},
+    "cache_salt": {"type": "string", "minLength": 1, "maxLength": 1024},
     "stop": {"anyOf": [{"type": "string", "minLength": 1},
                        {"type": "array", "items": {"type": "string", "minLength": 1}}]},
 }
@@ -50,6 +51,9 @@ class SamplingParams(msgspec.Struct, kw_only=True):
     seed: int | None = None
     logprobs: int | None = None  # None: no logprobs; k >= 0: chosen token plus top-k
     skip_special_tokens: bool = True
+    # requests share cached KV only with requests of the same salt: one salt per tenant keeps
+    # tenants from learning each other's prompts through the prefix cache's timing
+    cache_salt: str | None = None
     # vLLM's names for max_new_tokens / min_new_tokens, so vLLM code runs unchanged
     max_tokens: int | None = None
     min_tokens: int | None = None
@@ -105,5 +109,7 @@ class SamplingParams(msgspec.Struct, kw_only=True):
             raise ValueError(f"logprobs must be in [0, 20], got {self.logprobs}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError("stop must be a list of non-empty strings")
+        if self.cache_salt is not None and not (isinstance(self.cache_salt, str) and 1 <= len(self.cache_salt) <= 1024):
+            raise ValueError("cache_salt must be a non-empty string of at most 1024 characters")
         if any(not isinstance(t, int) or not 0 <= t <= _INT32_MAX for t in self.stop_token_ids):
             raise ValueError("stop_token_ids must be non-negative 32-bit integers")

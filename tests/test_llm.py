@@ -157,7 +157,7 @@ def test_bad_input_is_a_clear_error(llm):
         llm.generate([[]], SamplingParams(), use_tqdm=False)
     with pytest.raises(ValueError, match="max_req_total_len"):
         llm.generate(["hello"], SamplingParams(max_new_tokens=1024), use_tqdm=False)
-    assert llm.engine.used_slots == 0 and not llm.engine.has_unfinished()
+    assert llm.engine.used_slots == llm.engine.cached_slots and not llm.engine.has_unfinished()
 
 
 def test_unknown_model_path_and_architecture(tmp_path):

@@ -2,7 +2,10 @@
 
 Single-threaded and synchronous: the router process and the offline `LLM` both drive it
 by calling `add_request` / `abort` / `step`. It is the one owner of KV-slot allocation
-(a CPU free-list) and of request rows; the runner only executes plans.
+(a CPU free-list and the prefix cache) and of request rows; the runner only executes plans.
+
+A slot is free, owned by the prefix cache, or private to one live request; so
+used slots == the cache's slots + the private slots of live requests, after every step.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ import torch
 from lightllm_plugin.config import EngineConfig
 from lightllm_plugin.engine.memory import SlotFreeList
 from lightllm_plugin.engine.outputs import TokenEvent
-from lightllm_plugin.engine.runner import ModelRunner, StepEntry
+from lightllm_plugin.engine.prefix_cache import PrefixCache
+from lightllm_plugin.engine.runner import ModelRunner, StepEntry, TableWrites
 from lightllm_plugin.engine.sampling import PendingSample, SamplerRow, has_penalty
 from lightllm_plugin.engine.scheduler import SchedRequest, Scheduler
 from lightllm_plugin.engine.step_plan import PlanSender
@@ -41,8 +45,8 @@ class _LiveRequest:
 class _LaunchedStep:
     """A step on the device whose sampled tokens the host has not read yet."""
 
-    order: list[_LiveRequest]  # one per row of the step
-    pending: PendingSample
+    order: list[_LiveRequest]  # one per sampled row of the step
+    pending: PendingSample | None  # None: nothing sampled (only prompt chunks that are not their last)
 
 
 class EngineCore:
@@ -82,7 +86,14 @@ class EngineCore:
                 f"raise max_total_token_num / mem_fraction or lower max_req_total_len"
             )
         self.free_slots = SlotFreeList(total)
-        self.scheduler = Scheduler(total, config.batch_max_tokens, config.running_max_req_size)
+        self.prefix_cache = None if config.disable_dynamic_prompt_cache else PrefixCache()
+        chunk = None if config.disable_chunked_prefill else config.chunked_prefill_size
+        self.scheduler = Scheduler(total, config.batch_max_tokens, config.running_max_req_size, chunk,
+                                   self.prefix_cache)
+        # req_to_token entries the next launched step writes first (cached prefixes, adopted slots)
+        self._table_writes: list[tuple[int, int, int]] = []
+        self.cache_query_tokens = 0  # prompt tokens of admitted requests, with the cache on
+        self.cache_hit_tokens = 0  # of those, the ones read from the cache
         self._live: dict[int, _LiveRequest] = {}
         self._auto_ids = itertools.count(1 << 40)
         self._queued: _LaunchedStep | None = None  # a decode step queued ahead of the host
@@ -115,9 +126,21 @@ class EngineCore:
     def has_unfinished(self) -> bool:
         return bool(self._live)
 
+    @property
+    def cached_slots(self) -> int:
+        return self.prefix_cache.cached_slots if self.prefix_cache is not None else 0
+
     def tokens_held(self) -> int:
-        """KV tokens that live requests hold; always equals used_slots (zero waste)."""
-        return sum(len(r.slots) for r in self._live.values())
+        """KV slots live requests hold privately plus the cache's; always equals used_slots (zero waste)."""
+        return sum(len(r.slots) - r.sched.shared_len for r in self._live.values()) + self.cached_slots
+
+    def flush_cache(self) -> int:
+        """Drop every cache entry no live request uses; returns the slots freed."""
+        if self.prefix_cache is None:
+            return 0
+        freed = self.prefix_cache.flush()
+        self.free_slots.free(freed)
+        return len(freed)
 
     def new_request_id(self) -> int:
         return next(self._auto_ids)
@@ -153,7 +176,8 @@ class EngineCore:
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
             stop_ids.update(self.config.resolved_eos_ids)
-        sched = SchedRequest(req_id=req_id, prompt_len=len(prompt_ids), max_new_tokens=params.max_new_tokens)
+        sched = SchedRequest(req_id=req_id, prompt_len=len(prompt_ids), max_new_tokens=params.max_new_tokens,
+                             prompt_ids=prompt_ids, salt=params.cache_salt)
         sampler = SamplerRow(params, prompt_ids, [], generator, [])
         live = _LiveRequest(req_id, prompt_ids, params, sched, sampler, frozenset(stop_ids))
         live.sampler.output_ids = live.output_ids
@@ -172,23 +196,75 @@ class EngineCore:
         """The detokenizer matched a stop string: same release as abort."""
         return self.abort(req_id)
 
-    def _release(self, live: _LiveRequest) -> None:
+    def _release(self, live: _LiveRequest, keep_tokens: bool = True) -> None:
+        """Give back a request's slots: with the cache on, what it computed goes into the cache
+        (the tokens whose KV is written: a request's last sampled token has none) and only the
+        copies of tokens the cache already held return to the free-list."""
         self.scheduler.remove(live.req_id)
-        self.free_slots.free(live.slots)
+        sched, cache = live.sched, self.prefix_cache
+        if cache is not None and keep_tokens and live.slots:
+            tokens = live.prompt_ids + live.output_ids
+            n = min(len(tokens), len(live.slots))
+            _, present = cache.insert(tokens[:n], live.slots[:n], sched.salt)
+            self.free_slots.free(live.slots[sched.shared_len:present] + live.slots[n:])
+        else:
+            self.free_slots.free(live.slots[sched.shared_len:])
+        if sched.cache_node is not None:
+            cache.unlock(sched.cache_node)
+            sched.cache_node = None
         live.slots = []
         if live.row >= 0:
+            self._table_writes = [w for w in self._table_writes if w[0] != live.row]
             self.runner.req_table.free_row(live.row)
             live.row = -1
         self.runner.drop_request(live.req_id)
 
     def fail_running(self) -> list[int]:
         """After step() raised: drop every request of the running batch (the step's requests),
-        freeing their slots and rows, and forget any queued step. Waiting requests stay."""
+        freeing their slots and rows, and forget any queued step. Waiting requests stay. The
+        cache is emptied too: the failed step may have left its entries half written."""
         self._queued = None
         failed = [r.req_id for r in self.scheduler.running]
         for req_id in failed:
-            self.abort(req_id)
+            live = self._live.pop(req_id, None)
+            if live is not None:
+                self._release(live, keep_tokens=False)
+        self.flush_cache()
         return failed
+
+    def _allocate(self, n: int) -> list[int]:
+        """n free slots, evicting unused cache entries when the free-list runs short (admission
+        counted them as free, so there are always enough)."""
+        short = n - self.free_slots.num_free
+        if short > 0 and self.prefix_cache is not None:
+            self.free_slots.free(self.prefix_cache.evict(short))
+        return self.free_slots.allocate(n)
+
+    def _cache_prompt(self, live: _LiveRequest, adopted: list[tuple[int, int, int, int]]) -> None:
+        """The last chunk of live's prompt is in this step: the prompt goes into the cache now, so
+        the requests admitted next step share it. Tokens the cache held already (another request
+        put them there, or a repeated prompt's last token) are read from the cache's slots from
+        the next step on: `adopted` gets (row, position, cache slot, own slot) for each, and the
+        caller frees the own slots once this step is launched (this step still writes them)."""
+        sched, cache = live.sched, self.prefix_cache
+        node, present = cache.insert(live.prompt_ids, live.slots[: sched.prompt_len], sched.salt)
+        if present > sched.shared_len:
+            cached = node.path_slots()[sched.shared_len : present]
+            own = live.slots[sched.shared_len : present]
+            adopted.extend(zip([live.row] * len(own), range(sched.shared_len, present), cached, own))
+            live.slots[sched.shared_len : present] = cached
+        cache.lock(node)
+        if sched.cache_node is not None:
+            cache.unlock(sched.cache_node)
+        sched.cache_node = node
+        sched.shared_len = sched.prompt_len
+
+    def _take_table_writes(self) -> TableWrites | None:
+        if not self._table_writes:
+            return None
+        rows, positions, slots = (list(column) for column in zip(*self._table_writes))
+        self._table_writes = []
+        return TableWrites(rows, positions, slots)
 
     # ---- the step ---------------------------------------------------------------------------
     def step(self) -> list[TokenEvent]:
@@ -216,20 +292,39 @@ class EngineCore:
             live = self._live[sched.req_id]
             entries.append(self._decode_entry(live, len(live.output_ids), live.output_ids[-1]))
             order.append(live)
-        for sched in batch.prefill:
+        for sched in batch.admitted:
             live = self._live[sched.req_id]
             live.row = self.runner.req_table.alloc_row()
-            slots = self.free_slots.allocate(len(live.prompt_ids))
-            entries.append(StepEntry(live.row, live.prompt_ids, 0, slots, live.sampler))
+            if self.prefix_cache is not None:
+                self.cache_query_tokens += sched.prompt_len
+                self.cache_hit_tokens += sched.cached_len
+            if sched.cached_len:
+                live.slots = sched.cache_node.path_slots()
+                self._table_writes.extend((live.row, pos, slot) for pos, slot in enumerate(live.slots))
+        adopted: list[tuple[int, int, int, int]] = []
+        for sched in batch.prefill:
+            live = self._live[sched.req_id]
+            start, n = sched.chunk_start, sched.chunk_len
+            slots = self._allocate(n)
             live.slots.extend(slots)
-            order.append(live)
+            last_chunk = sched.prefill_done
+            sampler = live.sampler if last_chunk else None
+            entries.append(StepEntry(live.row, live.prompt_ids[start : start + n], start, slots, sampler))
+            if last_chunk:
+                order.append(live)
+                if self.prefix_cache is not None:
+                    self._cache_prompt(live, adopted)
         for live in order:
             live.sampler.blocked_ids = self._blocked_ids(live, len(live.output_ids))
-        return _LaunchedStep(order, self.runner.launch(entries))
+        launched = _LaunchedStep(order, self.runner.launch(entries, table_writes=self._take_table_writes()))
+        if adopted:
+            self.free_slots.free([own for _, _, _, own in adopted])
+            self._table_writes.extend((row, pos, slot) for row, pos, slot, _ in adopted)
+        return launched
 
     def _decode_entry(self, live: _LiveRequest, output_len: int, token: int) -> StepEntry:
         """Feed back output token number `output_len` (1-based) into one new KV slot."""
-        slots = self.free_slots.allocate(1)
+        slots = self._allocate(1)
         live.slots.extend(slots)
         return StepEntry(live.row, [token], len(live.prompt_ids) + output_len - 1, slots, live.sampler)
 
@@ -241,7 +336,7 @@ class EngineCore:
         already knows that step's batch: nobody waiting to be admitted (the scheduler would
         give exactly the running requests), no penalties (they read the output ids), and a
         CUDA-graph step. Requests that reach max_new_tokens in `launched` are left out."""
-        if self.scheduler.num_waiting:
+        if self.scheduler.num_waiting or not self.scheduler.all_prefilled() or launched.pending is None:
             return None
         alive = [(i, live) for i, live in enumerate(launched.order) if self._live.get(live.req_id) is live]
         if len(alive) != self.scheduler.num_running:
@@ -267,9 +362,12 @@ class EngineCore:
         if len(rows) != len(launched.order):
             tokens = tokens[torch.tensor(rows, dtype=torch.long, pin_memory=True).to(tokens.device, non_blocking=True)]
         self.steps_queued_ahead += 1
-        return _LaunchedStep(order, self.runner.launch(entries, chained_ids=tokens))
+        return _LaunchedStep(order, self.runner.launch(entries, chained_ids=tokens,
+                                                       table_writes=self._take_table_writes()))
 
     def _read_back(self, launched: _LaunchedStep) -> list[TokenEvent]:
+        if launched.pending is None:
+            return []
         result = launched.pending.result()
         events = []
         for i, live in enumerate(launched.order):
@@ -288,6 +386,7 @@ class EngineCore:
                     finish_reason=reason,
                     output_len=len(live.output_ids),
                     prompt_len=len(live.prompt_ids),
+                    cached_len=live.sched.cached_len,
                 )
             )
             if reason is not None:

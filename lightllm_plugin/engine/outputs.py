@@ -13,3 +13,4 @@ class TokenEvent(msgspec.Struct, array_like=True):
     finish_reason: str | None  # None while running; "stop", "length" or "abort"
     output_len: int  # tokens generated so far, this one included
     prompt_len: int
+    cached_len: int = 0  # prompt tokens whose KV came from the prefix cache instead of a prefill

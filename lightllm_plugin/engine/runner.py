@@ -61,7 +61,20 @@ class StepEntry:
     input_ids: list[int]  # tokens whose K/V are computed this step
     start_pos: int  # position of input_ids[0]
     slots: list[int]  # KV slots of input_ids
-    sampler: SamplerRow
+    sampler: SamplerRow | None  # None: a prompt chunk that is not its last, nothing is sampled
+
+
+@dataclass
+class TableWrites:
+    """req_to_token entries to write before a step: the slots of a cached prefix a request reuses,
+    or the cache's slots replacing a request's own copies of tokens the cache already held."""
+
+    rows: list[int]
+    positions: list[int]
+    slots: list[int]
+
+    def __len__(self) -> int:
+        return len(self.rows)
 
 
 def resolve_device_and_dtype(config: EngineConfig) -> tuple[torch.device, torch.dtype]:
@@ -206,9 +219,10 @@ class ModelRunner:
         kv_pool: torch.Tensor | QuantizedKVCache,
         all_logits: bool = False,
         send_plan: bool = True,
+        table_writes: TableWrites | None = None,
     ) -> torch.Tensor:
         """Logits of each entry's last token [B, V], or with all_logits of every new token [T, V]."""
-        plan = self._pack(entries, all_logits)
+        plan = self._pack(entries, all_logits, table_writes)
         if send_plan and self.plan_sender is not None:
             self.plan_sender.send(plan)
         return self._run_packed(plan, kv_pool)
@@ -218,7 +232,7 @@ class ModelRunner:
         """A rank other than 0: the forward rank 0 announced (its logits are rank 0's business)."""
         self._run_packed(plan, self.kv_pool)
 
-    def _pack(self, entries: list[StepEntry], all_logits: bool) -> StepPlan:
+    def _pack(self, entries: list[StepEntry], all_logits: bool, table_writes: TableWrites | None = None) -> StepPlan:
         """The whole step in one int64 host buffer, so it moves in one copy (and to the other
         tensor-parallel ranks in one message)."""
         input_ids, positions, slots, token_rows = [], [], [], []
@@ -235,14 +249,20 @@ class ModelRunner:
             b_q_len.append(n)
             last_index.append(len(input_ids) - 1)
         fields = [input_ids, positions, slots, token_rows, b_req_idx, b_seq_len, b_q_start, b_q_len, last_index]
+        if table_writes:
+            fields += [table_writes.rows, table_writes.positions, table_writes.slots]
         packed = torch.tensor([v for f in fields for v in f], dtype=torch.long, pin_memory=self.device.type == "cuda")
-        return StepPlan(packed, len(input_ids), len(entries), all_logits)
+        return StepPlan(packed, len(input_ids), len(entries), all_logits, len(table_writes) if table_writes else 0)
 
     def _run_packed(self, plan: StepPlan, kv_pool: torch.Tensor | QuantizedKVCache) -> torch.Tensor:
         table = self.req_table.req_to_token
-        t, b = plan.num_tokens, plan.num_requests
+        t, b, w = plan.num_tokens, plan.num_requests, plan.num_writes
         packed = plan.packed.to(self.device, non_blocking=True)  # pinned on CUDA
-        ids, pos, out_slots, rows, req_idx, seq_len, q_start, q_len, last = packed.split([t, t, t, t, b, b, b, b, b])
+        parts = packed.split([t, t, t, t, b, b, b, b, b, w, w, w])
+        ids, pos, out_slots, rows, req_idx, seq_len, q_start, q_len, last = parts[:9]
+        if w:
+            w_rows, w_pos, w_slots = parts[9:]
+            table[w_rows, w_pos] = w_slots.to(table.dtype)
         table[rows, pos] = out_slots.to(table.dtype)
         meta = AttentionMetadata(table, req_idx, seq_len, q_start, q_len, out_slots)
         if self.step_rows is not None:
@@ -281,10 +301,18 @@ class ModelRunner:
         return graphs is not None and not self.config.enforce_eager and batch_size <= graphs.max_batch
 
     @torch.inference_mode()
-    def launch(self, entries: list[StepEntry], chained_ids: torch.Tensor | None = None) -> PendingSample:
-        """Queue one step (forward + sampling) without waiting for it. `chained_ids` ([B] on the
-        device) are the input ids of a decode step whose previous tokens are not on the host yet."""
-        if self.can_chain(len(entries)) and all(len(e.input_ids) == 1 for e in entries):
+    def launch(
+        self,
+        entries: list[StepEntry],
+        chained_ids: torch.Tensor | None = None,
+        table_writes: TableWrites | None = None,
+    ) -> PendingSample | None:
+        """Queue one step (forward + sampling of the entries that have a sampler) without waiting
+        for it; None when no entry samples. `chained_ids` ([B] on the device) are the input ids of a
+        decode step whose previous tokens are not on the host yet."""
+        if self.can_chain(len(entries)) and all(len(e.input_ids) == 1 and e.sampler is not None for e in entries):
+            if table_writes:
+                self._write_table(table_writes)
             logits = self.decode_graphs.run(
                 [e.input_ids[0] for e in entries], [e.start_pos for e in entries],
                 [e.row for e in entries], [e.slots[0] for e in entries], ids_on_device=chained_ids,
@@ -292,5 +320,17 @@ class ModelRunner:
         elif chained_ids is not None:
             raise ValueError("a step with input ids on the device must be a CUDA-graph decode step")
         else:
-            logits = self._forward(entries, self.kv_pool)  # [B, V]
-        return launch_sample(logits, [e.sampler for e in entries], self.generator)
+            logits = self._forward(entries, self.kv_pool, table_writes=table_writes)  # [B, V]
+        sampled = [i for i, e in enumerate(entries) if e.sampler is not None]
+        if not sampled:
+            return None
+        if len(sampled) < len(entries):
+            logits = logits[torch.tensor(sampled, device=logits.device)]
+        return launch_sample(logits, [entries[i].sampler for i in sampled], self.generator)
+
+    def _write_table(self, writes: TableWrites) -> None:
+        """req_to_token entries written ahead of a CUDA-graph step (the graph writes only its own)."""
+        values = torch.tensor([writes.rows, writes.positions, writes.slots], dtype=torch.long, pin_memory=True)
+        values = values.to(self.device, non_blocking=True)
+        table = self.req_table.req_to_token
+        table[values[0], values[1]] = values[2].to(table.dtype)

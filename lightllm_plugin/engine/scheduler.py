@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import bisect
 import itertools
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterable
+
+from lightllm_plugin.engine.prefix_cache import CacheNode, PrefixCache
 
 __all__ = ["SchedRequest", "ScheduledBatch", "Scheduler", "peak_token_need"]
 
@@ -22,10 +23,28 @@ class SchedRequest:
     max_new_tokens: int
     output_len: int = 0
     arrival: int = 0
+    prompt_ids: list[int] | None = None  # needed only with a prefix cache
+    salt: str | None = None
+    # prompt positions whose KV exists or is in this step: cached ones plus the chunks scheduled
+    prefilled_len: int = 0
+    # prompt positions whose slots the prefix cache owns: the cached prefix at admission, the whole
+    # prompt once its last chunk has run and it was inserted
+    shared_len: int = 0
+    cached_len: int = 0  # prompt tokens taken from the cache at admission
+    cache_node: CacheNode | None = None  # the node this request locks
+    chunk_start: int = 0  # this step's prefill chunk: prompt positions [start, start + len)
+    chunk_len: int = 0
+
+    @property
+    def prefill_done(self) -> bool:
+        return self.prefilled_len >= self.prompt_len
 
     @property
     def held_tokens(self) -> int:
-        return self.prompt_len + self.output_len
+        """Slots this request holds, or will once its prompt is prefilled, that the cache does not
+        own. A prompt's chunks count as held from admission: they arrive faster than one token a
+        step, which the peak rule's lockstep growth assumes of the remaining tokens."""
+        return self.prompt_len - self.shared_len + self.output_len
 
     @property
     def remaining_tokens(self) -> int:
@@ -35,12 +54,14 @@ class SchedRequest:
 
 @dataclass
 class ScheduledBatch:
+    # each with this step's chunk_start / chunk_len; a chunk that ends its prompt samples
     prefill: list[SchedRequest] = field(default_factory=list)
     decode: list[SchedRequest] = field(default_factory=list)
+    admitted: list[SchedRequest] = field(default_factory=list)  # those of prefill new this step
 
     @property
     def num_tokens(self) -> int:
-        return sum(r.prompt_len for r in self.prefill) + len(self.decode)
+        return sum(r.chunk_len for r in self.prefill) + len(self.decode)
 
     def is_empty(self) -> bool:
         return not self.prefill and not self.decode
@@ -61,19 +82,36 @@ def peak_token_need(requests: Iterable[SchedRequest]) -> int:
     return _peak_of_sorted(sorted((-r.remaining_tokens, r.held_tokens) for r in requests))
 
 
+# A request that shares at least this many more prompt tokens (or the rest of its prompt, when
+# fewer remain) with a prompt still being prefilled than with the cache waits for that prefill:
+# a step later it reads them from the cache instead of computing them a second time.
+SHARED_PREFILL_WAIT_TOKENS = 16
+
+
 class Scheduler:
     peak_token_need = staticmethod(peak_token_need)
 
-    def __init__(self, total_slots: int, batch_max_tokens: int, running_max_req_size: int):
+    def __init__(
+        self,
+        total_slots: int,
+        batch_max_tokens: int,
+        running_max_req_size: int,
+        chunked_prefill_size: int | None = None,  # None: a prompt is prefilled in one step
+        cache: PrefixCache | None = None,
+    ):
         if total_slots < 1 or batch_max_tokens < 1 or running_max_req_size < 1:
             raise ValueError(
                 "total_slots, batch_max_tokens and running_max_req_size must all be >= 1, got "
                 f"{total_slots}, {batch_max_tokens}, {running_max_req_size}"
             )
+        if chunked_prefill_size is not None and chunked_prefill_size < 1:
+            raise ValueError(f"chunked_prefill_size must be >= 1, got {chunked_prefill_size}")
         self.total_slots = total_slots
         self.batch_max_tokens = batch_max_tokens
         self.running_max_req_size = running_max_req_size
-        self._waiting: deque[SchedRequest] = deque()
+        self.chunked_prefill_size = chunked_prefill_size
+        self.cache = cache
+        self._waiting: list[SchedRequest] = []
         self._running: dict[int, SchedRequest] = {}
         self._known: set[int] = set()
         self._arrivals = itertools.count()
@@ -94,6 +132,9 @@ class Scheduler:
     def running(self) -> tuple[SchedRequest, ...]:
         return tuple(self._running.values())
 
+    def all_prefilled(self) -> bool:
+        return all(r.prefill_done for r in self._running.values())
+
     def add(self, req: SchedRequest) -> None:
         if req.req_id in self._known:
             raise ValueError(f"duplicate req_id {req.req_id}")
@@ -104,9 +145,11 @@ class Scheduler:
                 f"request {req.req_id}: prompt_len and max_new_tokens must be >= 1, "
                 f"got {req.prompt_len} and {req.max_new_tokens}"
             )
+        if self.cache is not None and (req.prompt_ids is None or len(req.prompt_ids) != req.prompt_len):
+            raise ValueError(f"request {req.req_id}: a prefix cache needs the prompt's token ids")
         # Both checks stop a head-of-line request that could never be admitted from
         # blocking the FCFS queue forever.
-        if req.prompt_len > self.batch_max_tokens:
+        if self.chunked_prefill_size is None and req.prompt_len > self.batch_max_tokens:
             raise ValueError(
                 f"request {req.req_id}: prompt_len {req.prompt_len} exceeds "
                 f"batch_max_tokens {self.batch_max_tokens}"
@@ -121,6 +164,8 @@ class Scheduler:
         self._waiting.append(req)
 
     def remove(self, req_id: int) -> SchedRequest | None:
+        """Forget a request. A running one keeps its cache lock: the caller unlocks it once it
+        has given the request's tokens to the cache."""
         if req_id not in self._known:
             return None
         self._known.discard(req_id)
@@ -133,25 +178,85 @@ class Scheduler:
                 return r
         raise AssertionError(f"req_id {req_id} known but neither waiting nor running")
 
+    def _locked_slots(self) -> int:
+        return self.cache.locked_slots if self.cache is not None else 0
+
     def schedule(self) -> ScheduledBatch:
-        decode = list(self._running.values())
-        prefill: list[SchedRequest] = []
-        pairs = sorted((-r.remaining_tokens, r.held_tokens) for r in decode)
-        tokens = len(decode)
-        while self._waiting:
-            cand = self._waiting[0]
-            if len(self._running) + 1 > self.running_max_req_size:
+        """This step: every prefilled request decodes one token, prompts being prefilled get
+        their next chunk, then waiting requests are admitted first come first served while the
+        peak KV need, the step's token budget and running_max_req_size allow. An admitted request's
+        cached prefix is matched and locked here."""
+        batch = ScheduledBatch()
+        budget = self.batch_max_tokens
+        prefill_budget = self.chunked_prefill_size or self.batch_max_tokens
+        for r in self._running.values():
+            r.chunk_len = 0
+            if r.prefill_done:
+                batch.decode.append(r)
+        budget -= len(batch.decode)
+        for r in sorted((r for r in self._running.values() if not r.prefill_done), key=lambda r: r.arrival):
+            n = min(budget, prefill_budget, r.prompt_len - r.prefilled_len)
+            if n <= 0:
                 break
-            if tokens + cand.prompt_len > self.batch_max_tokens:
+            self._take_chunk(batch, r, n)
+            budget -= n
+            prefill_budget -= n
+        pairs = sorted((-r.remaining_tokens, r.held_tokens) for r in self._running.values())
+        i = 0
+        while i < len(self._waiting):
+            cand = self._waiting[i]
+            room = min(budget, prefill_budget)
+            if len(self._running) + 1 > self.running_max_req_size or room <= 0:
                 break
-            pair = (-cand.remaining_tokens, cand.held_tokens)
+            node = None
+            cached = 0
+            if self.cache is not None:
+                # the last prompt token is always computed: its logits give the first output token
+                node = self.cache.match(cand.prompt_ids[: cand.prompt_len - 1], cand.salt)
+                cached = node.depth
+                if self._shares_a_running_prefill(cand, cached, batch):
+                    i += 1
+                    continue
+            new_tokens = cand.prompt_len - cached
+            if self.chunked_prefill_size is None and new_tokens > room:
+                break
+            newly_locked = self.cache.unlocked_slots_above(node) if node is not None else 0
+            pair = (-cand.max_new_tokens, new_tokens)
             trial = pairs.copy()
             bisect.insort(trial, pair)
-            if _peak_of_sorted(trial) > self.total_slots:
+            if self._locked_slots() + newly_locked + _peak_of_sorted(trial) > self.total_slots:
                 break
             pairs = trial
-            tokens += cand.prompt_len
-            self._waiting.popleft()
+            del self._waiting[i]
+            if node is not None:
+                self.cache.lock(node)
+            cand.cache_node = node
+            cand.cached_len = cand.shared_len = cand.prefilled_len = cached
             self._running[cand.req_id] = cand
-            prefill.append(cand)
-        return ScheduledBatch(prefill=prefill, decode=decode)
+            batch.admitted.append(cand)
+            n = min(room, new_tokens)
+            self._take_chunk(batch, cand, n)
+            budget -= n
+            prefill_budget -= n
+        return batch
+
+    @staticmethod
+    def _take_chunk(batch: ScheduledBatch, r: SchedRequest, n: int) -> None:
+        r.chunk_start, r.chunk_len = r.prefilled_len, n
+        r.prefilled_len += n
+        batch.prefill.append(r)
+
+    def _shares_a_running_prefill(self, cand: SchedRequest, cached: int, batch: ScheduledBatch) -> bool:
+        """Whether a prompt still being prefilled (its tokens not in the cache yet) holds enough
+        more of cand's prompt than the cache does that cand should wait for it."""
+        usable = cand.prompt_len - 1
+        want = min(SHARED_PREFILL_WAIT_TOKENS, usable - cached)
+        if want <= 0:
+            return False
+        end = cached + want
+        head = cand.prompt_ids[:end]
+        for r in self._running.values():
+            if r.shared_len < r.prompt_len and r.salt == cand.salt and r.prompt_len >= end \
+                    and r.prompt_ids[:end] == head:
+                return True
+        return False

@@ -1,7 +1,8 @@
 """Step plans: what rank 0 sends every other tensor-parallel rank before each forward.
 
 A plan is the packed int64 step the runner builds anyway (input ids, positions, KV slots,
-req_to_token rows, per-request lengths) behind a three-number header, sent as raw bytes
+req_to_token rows, per-request lengths, and the req_to_token entries to write before the
+step: a cached prefix's slots) behind a four-number header, sent as raw bytes
 over one ZMQ PUSH/PULL pair per rank: no pickle, and a frame of the wrong size is dropped.
 The ranks then run the same forward, so their KV pools hold the same slots.
 """
@@ -19,17 +20,22 @@ from lightllm_plugin.ipc import open_socket
 
 logger = logging.getLogger(__name__)
 
-_HEADER = struct.Struct("<qqq")  # tokens, requests, flags
+_HEADER = struct.Struct("<qqqq")  # tokens, requests, table writes, flags
 _ALL_LOGITS = 1
 _INT64 = 8
 
 
 @dataclass
 class StepPlan:
-    packed: torch.Tensor  # int64 [4 * tokens + 5 * requests], as ModelRunner packs it
+    packed: torch.Tensor  # int64 [4 * tokens + 5 * requests + 3 * writes], as ModelRunner packs it
     num_tokens: int
     num_requests: int
     all_logits: bool
+    num_writes: int = 0  # req_to_token entries (row, position, slot) to write before the forward
+
+    @property
+    def size(self) -> int:
+        return 4 * self.num_tokens + 5 * self.num_requests + 3 * self.num_writes
 
 
 def plan_address(run_dir: str, rank: int) -> str:
@@ -44,7 +50,7 @@ class PlanSender:
         self._socks = [open_socket(self._ctx, zmq.PUSH, address, bind=False) for address in addresses]
 
     def send(self, plan: StepPlan) -> None:
-        header = _HEADER.pack(plan.num_tokens, plan.num_requests, _ALL_LOGITS if plan.all_logits else 0)
+        header = _HEADER.pack(plan.num_tokens, plan.num_requests, plan.num_writes, _ALL_LOGITS if plan.all_logits else 0)
         body = plan.packed.numpy().tobytes()
         for sock in self._socks:
             sock.send_multipart([header, body], copy=False)
@@ -69,12 +75,13 @@ class PlanReceiver:
         if len(frames) != 2 or len(frames[0]) != _HEADER.size:
             logger.error("dropped a step-plan message of %d frames", len(frames))
             return None
-        tokens, requests, flags = _HEADER.unpack(frames[0])
-        if tokens < 1 or requests < 1 or len(frames[1]) != (4 * tokens + 5 * requests) * _INT64:
+        tokens, requests, writes, flags = _HEADER.unpack(frames[0])
+        plan = StepPlan(None, tokens, requests, bool(flags & _ALL_LOGITS), writes)
+        if tokens < 1 or requests < 1 or writes < 0 or len(frames[1]) != plan.size * _INT64:
             logger.error("dropped a step plan whose size does not match its header")
             return None
-        packed = torch.frombuffer(bytearray(frames[1]), dtype=torch.int64)
-        return StepPlan(packed, tokens, requests, bool(flags & _ALL_LOGITS))
+        plan.packed = torch.frombuffer(bytearray(frames[1]), dtype=torch.int64)
+        return plan
 
     def close(self) -> None:
         self._ctx.destroy(linger=0)

@@ -37,6 +37,7 @@ def test_int8_greedy_output_equals_float32_kv_output(engines):
     print("int8 KV greedy equal to float32 KV over the first 16 tokens:", same)
     assert sum(same) >= 6, [(a.outputs[0].text, b.outputs[0].text) for a, b in zip(full, int8)]
     for llm in engines:
+        llm.engine.flush_cache()
         assert llm.engine.free_slots.num_free == llm.config.total_slots  # nothing leaked
 
 

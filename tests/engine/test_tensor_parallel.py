@@ -74,7 +74,7 @@ def _greedy_tokens(model, tp, prompts, max_tokens, chat=False):
             outs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params, use_tqdm=False)
         else:
             outs = llm.generate(prompts, params, use_tqdm=False)
-        assert llm.engine.used_slots == 0
+        assert llm.engine.used_slots == llm.engine.cached_slots
         return [o.outputs[0].token_ids for o in outs]
 
 

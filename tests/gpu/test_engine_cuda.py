@@ -58,7 +58,7 @@ def test_greedy_matches_hf_on_gpu(model_dir):
             ref = hf.generate(torch.tensor([p], device="cuda"), do_sample=False, max_new_tokens=16, min_new_tokens=16,
                               attention_mask=torch.ones(1, len(p), dtype=torch.long, device="cuda"))[0, len(p):]
         assert got[i] == ref.tolist()
-    assert engine.used_slots == 0
+    assert engine.used_slots == engine.cached_slots
 
 
 def test_profiled_pool_fits_free_memory(model_dir):
@@ -130,7 +130,7 @@ def test_graph_decode_equals_eager_decode(model_dir, dtype, kv_cache_dtype):
         engine = EngineCore(cfg, progress=False, with_tokenizer=False)
         assert (engine.runner.decode_graphs is None) == eager
         results[eager] = _drive(engine, arrivals)
-        assert engine.used_slots == 0
+        assert engine.used_slots == engine.cached_slots
         if not eager:
             assert engine.runner.decode_graphs.replays > 20
         del engine
@@ -187,7 +187,7 @@ def test_decode_queued_ahead_equals_eager_with_stops_min_tokens_logprobs_and_an_
     for eager in (True, False):
         e = engine(eager)
         results[eager] = _run_with_abort(e, requests, abort_id=9, abort_after_steps=7)
-        assert e.used_slots == 0 and e.tokens_held() == 0
+        assert e.used_slots == e.cached_slots == e.tokens_held()
         if not eager:
             assert e.steps_queued_ahead > 20
         del e

@@ -64,6 +64,7 @@ def test_default_model_int8_kv_against_full_precision_kv_on_gpu(dtype):
         if kv == "int8":
             assert "Paris" in answers[0].outputs[0].text
         ppl[kv] = perplexity(llm, text_ids(llm))
+        llm.engine.flush_cache()
         assert llm.engine.free_slots.num_free == llm.config.total_slots
         del llm
         _free_cuda()
