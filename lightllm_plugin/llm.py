@@ -24,6 +24,7 @@ class CompletionOutput:
     stop_reason: str | int | None = None  # the stop string or stop token that ended it
     cumulative_logprob: float | None = None
     logprobs: list[dict[int, float]] | None = None  # per token: chosen id and top-k alternatives
+    num_cached_tokens: int = 0  # prompt tokens this sample read from the prefix cache
 
 
 @dataclass
@@ -33,6 +34,7 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = True
+    num_cached_tokens: int = 0  # vLLM's field: the prompt tokens sample 0 read from the prefix cache
 
 
 @dataclass
@@ -49,6 +51,7 @@ class _Pending:
     stop_reason: str | int | None = None
     stream: TextStream | None = None  # its text, released piece by piece
     pieces: list[str] = field(default_factory=list)
+    cached_len: int = 0
 
 
 class LLM:
@@ -176,6 +179,7 @@ class LLM:
                 for event in engine.step():
                     p = pending[event.req_id]
                     p.token_ids.append(event.token_id)
+                    p.cached_len = event.cached_len
                     if p.logprobs is not None and event.logprob is not None:
                         entry = {event.token_id: event.logprob}
                         entry.update({tid: lp for tid, lp in event.top_logprobs or []})
@@ -209,8 +213,10 @@ class LLM:
                     stop_reason=p.stop_reason,
                     cumulative_logprob=p.cumulative if p.logprobs is not None else None,
                     logprobs=p.logprobs,
+                    num_cached_tokens=p.cached_len,
                 )
             )
         for r in results:
             r.outputs.sort(key=lambda o: o.index)
+            r.num_cached_tokens = r.outputs[0].num_cached_tokens if r.outputs else 0
         return results

@@ -177,3 +177,15 @@ def test_the_samples_of_a_seed_at_the_top_of_the_range_get_the_wrapped_seeds_the
     both = llm.generate([ids], SamplingParams(n=2, seed=2**63 - 1, **params), use_tqdm=False)[0].outputs
     wrapped = llm.generate([ids], SamplingParams(seed=-(2**63), **params), use_tqdm=False)[0].outputs[0]
     assert both[1].token_ids == wrapped.token_ids
+
+
+def test_the_samples_of_one_prompt_share_its_prefill_and_report_their_cached_tokens(llm):
+    llm.engine.flush_cache()
+    ids = llm.tokenizer.encode("Three short ideas for a rainy weekend, as a numbered list:")
+    hits = llm.engine.cache_hit_tokens
+    [out] = llm.generate([ids], SamplingParams(n=4, temperature=0.8, seed=3, max_tokens=6), use_tqdm=False)
+    # one prefill: samples 1..3 read all of the prompt but its last token from the cache
+    assert [o.num_cached_tokens for o in out.outputs] == [0] + [len(ids) - 1] * 3
+    assert out.num_cached_tokens == 0 and llm.engine.cache_hit_tokens - hits == 3 * (len(ids) - 1)
+    [again] = llm.generate([ids], SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)
+    assert again.num_cached_tokens == len(ids) - 1

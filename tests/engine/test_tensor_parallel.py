@@ -65,11 +65,11 @@ def tiny_qwen2(tmp_path_factory):
     return str(path)
 
 
-def _greedy_tokens(model, tp, prompts, max_tokens, chat=False):
+def _greedy_tokens(model, tp, prompts, max_tokens, chat=False, **config):
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     # float32: the split sums the same products in another order, exact only in float32
     with LLM(model, tp=tp, data_type="float32", nccl_port=_free_port(), max_total_token_num=4096,
-             max_req_total_len=512, max_req_input_len=256, progress=False) as llm:
+             max_req_total_len=512, max_req_input_len=256, progress=False, **config) as llm:
         if chat:
             outs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params, use_tqdm=False)
         else:
@@ -82,8 +82,11 @@ def _greedy_tokens(model, tp, prompts, max_tokens, chat=False):
 def test_tiny_qwen2_split_two_and_four_ways_gives_the_greedy_tokens_of_the_whole_model(tiny_qwen2):
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 1001, (n,), generator=g).tolist() for n in (1, 7, 60, 130)]
-    whole = _greedy_tokens(tiny_qwen2, 1, prompts, 24)
-    assert _greedy_tokens(tiny_qwen2, 2, prompts, 24) == whole
+    # a repeated prompt and one sharing 100 tokens: the ranks read the same cached prefix, which
+    # reaches them as req_to_token writes in the step plan, and the 130-token prompts go in chunks
+    prompts += [prompts[3], prompts[3][:100] + prompts[2][:20]]
+    whole = _greedy_tokens(tiny_qwen2, 1, prompts, 24, disable_dynamic_prompt_cache=True, disable_chunked_prefill=True)
+    assert _greedy_tokens(tiny_qwen2, 2, prompts, 24, chunked_prefill_size=48) == whole
     # 4 ranks over 2 KV heads: each KV head held by two ranks
     assert _greedy_tokens(tiny_qwen2, 4, prompts, 24) == whole
 
