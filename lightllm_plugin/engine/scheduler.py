@@ -187,13 +187,14 @@ class Scheduler:
         peak KV need, the step's token budget and running_max_req_size allow. An admitted request's
         cached prefix is matched and locked here."""
         batch = ScheduledBatch()
-        budget = self.batch_max_tokens
-        prefill_budget = self.chunked_prefill_size or self.batch_max_tokens
         for r in self._running.values():
             r.chunk_len = 0
             if r.prefill_done:
                 batch.decode.append(r)
-        budget -= len(batch.decode)
+        budget = self.batch_max_tokens - len(batch.decode)
+        # chunks keep the decodes' steps short; with nothing decoding, a prompt's first token
+        # comes soonest from one step as large as the batch allows
+        prefill_budget = self.chunked_prefill_size if self.chunked_prefill_size and batch.decode else budget
         for r in sorted((r for r in self._running.values() if not r.prefill_done), key=lambda r: r.arrival):
             n = min(budget, prefill_budget, r.prompt_len - r.prefilled_len)
             if n <= 0:

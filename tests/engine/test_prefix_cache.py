@@ -169,6 +169,18 @@ def test_a_prompt_longer_than_the_chunk_is_prefilled_over_several_steps_beside_t
     assert long_.prefill_done and s.all_prefilled()
 
 
+def test_with_nothing_decoding_a_prompt_takes_the_whole_batch_budget_in_one_step():
+    s = Scheduler(1000, 64, 8, chunked_prefill_size=16)
+    first, second = _req(1, [1] * 40, 5), _req(2, [2] * 40, 5)
+    s.add(first)
+    s.add(second)
+    batch = s.schedule()
+    assert [(r.chunk_start, r.chunk_len) for r in batch.prefill] == [(0, 40), (0, 24)]
+    first.output_len = 1
+    batch = s.schedule()  # `first` decodes now: `second` goes on in chunks
+    assert batch.decode == [first] and [(r.chunk_start, r.chunk_len) for r in batch.prefill] == [(24, 16)]
+
+
 def test_without_chunking_a_prompt_over_the_batch_budget_is_refused():
     s = Scheduler(1000, 64, 8, chunked_prefill_size=None)
     with pytest.raises(ValueError, match="batch_max_tokens"):
