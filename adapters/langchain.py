@@ -39,7 +39,7 @@ try:
         SystemMessage,
         ToolMessage,
     )
-    from langchain_core.messages.ai import UsageMetadata
+    from langchain_core.messages.ai import InputTokenDetails, UsageMetadata
     from langchain_core.messages.tool import tool_call_chunk
     from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult, GenerationChunk
     from langchain_core.runnables import Runnable
@@ -306,11 +306,16 @@ def _sse_data(line: str):
 def _usage(usage: dict | None) -> UsageMetadata | None:
     if not usage:
         return None
-    return UsageMetadata(
+    metadata = UsageMetadata(
         input_tokens=usage.get("prompt_tokens", 0),
         output_tokens=usage.get("completion_tokens", 0),
         total_tokens=usage.get("total_tokens", 0),
     )
+    # prompt tokens the server read from its prefix cache, where langchain-openai puts OpenAI's
+    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
+    if cached is not None:
+        metadata["input_token_details"] = InputTokenDetails(cache_read=cached)
+    return metadata
 
 
 # ---- LLM ------------------------------------------------------------------------------

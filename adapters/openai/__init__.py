@@ -3,9 +3,9 @@
 Point any OpenAI SDK at http://HOST:PORT/v1. A request runs through the same
 AsyncEngineClient as the native routes; this package only translates OpenAI's request
 fields into SamplingParams and the token stream back into OpenAI's response shapes.
-vLLM's extra sampling fields (top_k, min_p, repetition_penalty, ignore_eos, min_tokens,
-stop_token_ids, skip_special_tokens, chat_template_kwargs) are accepted too, as the SDK
-sends them through `extra_body`. Every error is {"error": {message, type, param, code}}
+vLLM's extra fields (top_k, min_p, repetition_penalty, ignore_eos, min_tokens,
+stop_token_ids, skip_special_tokens, chat_template_kwargs, cache_salt) are accepted too, as
+the SDK sends them through `extra_body`. Every error is {"error": {message, type, param, code}}
 with the status that makes the SDK raise its matching exception class.
 """
 
@@ -51,7 +51,7 @@ def request_body_docs() -> tuple[dict[str, Any], dict[str, Any]]:
 
     shared = {name: nullable(ACCEPTED[name]) for name in (
         "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty",
-        "seed", "stop_token_ids", "stop")}
+        "seed", "stop_token_ids", "stop", "cache_salt")}
     shared |= {
         "max_tokens": nullable(ACCEPTED["max_new_tokens"]),
         "min_tokens": nullable(ACCEPTED["min_new_tokens"]),

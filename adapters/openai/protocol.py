@@ -76,6 +76,7 @@ class _Request(msgspec.Struct, kw_only=True):
     min_tokens: int | None = None
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool | None = None
+    cache_salt: str | None = None  # requests with different salts never share prefix-cache KV
 
 
 class CompletionRequest(_Request, kw_only=True):
@@ -131,6 +132,7 @@ def sampling_params(req: _Request, *, max_tokens: int, logprobs: int | None, ren
             # so ask for at least one and show the client the number it asked for
             logprobs=None if logprobs is None else max(1, logprobs),
             skip_special_tokens=value_or(req.skip_special_tokens, True),
+            cache_salt=req.cache_salt,
         )
     except ValueError as exc:
         raise invalid(str(exc), renames=renames) from None

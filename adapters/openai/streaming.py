@@ -45,19 +45,25 @@ class TokenUsage:
 
     def __init__(self):
         self.prompt_lens: dict[int, int] = {}
+        self.cached_lens: dict[int, int] = {}
         self.output_lens: dict[tuple[int, int], int] = {}
 
     def count(self, k: int, i: int, out: TokenOutput) -> None:
         self.prompt_lens[k] = out.prompt_len
         self.output_lens[(k, i)] = out.output_len
+        # a prompt is counted once however many samples it has: its samples are engine requests
+        # of their own, and a later one may hit what an earlier one put in the cache
+        if i == 0:
+            self.cached_lens[k] = out.cached_len
 
-    def body(self) -> dict[str, int]:
+    def body(self) -> dict[str, Any]:
         prompt_tokens = sum(self.prompt_lens.values())
         completion_tokens = sum(self.output_lens.values())
         return {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": sum(self.cached_lens.values())},
         }
 
 

@@ -54,6 +54,7 @@ class RequestRenderer:
             output_len=event.output_len,
             prompt_len=event.prompt_len,
             logprob_tokens=self._token_strings(event),
+            cached_len=event.cached_len,
         )
         return output, stopped
 

@@ -25,7 +25,9 @@ from lightllm_plugin.server.protocol import (
     AbortRequest,
     Addresses,
     ApiInbox,
+    CacheFlushed,
     EngineStats,
+    FlushCache,
     OutputBatch,
     RequestError,
     TokenizeRequest,
@@ -55,6 +57,8 @@ class RequestRejected(Exception):
 MAX_SAMPLES = 128
 # what an overloaded server asks a client to wait before retrying (the OpenAI SDK honours it)
 RETRY_AFTER_S = 1
+# the router answers a flush between two steps; a longer wait means it is stuck
+FLUSH_TIMEOUT_S = 30.0
 
 
 @dataclass
@@ -89,6 +93,8 @@ class AsyncEngineClient:
         self.stats = EngineStats(0, 0, 0, 0)
         self._groups: dict[int, _Group] = {}
         self._ids = itertools.count()
+        self._flushes: dict[int, asyncio.Future] = {}  # FlushCache id -> its answer's freed slots
+        self._flush_ids = itertools.count()
         self._reader: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._failure: str | None = None
@@ -134,6 +140,9 @@ class AsyncEngineClient:
         error = RequestError(req_ids=[], message=message, status=503)
         for group in {id(g): g for g in self._groups.values()}.values():
             group.queue.put_nowait(error)
+        for answer in self._flushes.values():
+            if not answer.done():
+                answer.set_exception(RequestRejected(message, 503))
 
     # ---- requests --------------------------------------------------------------------
     async def generate(
@@ -224,6 +233,22 @@ class AsyncEngineClient:
             if group.unfinished - group.ended:
                 self._abort(sorted(group.unfinished - group.ended))
 
+    async def flush_cache(self, timeout: float = FLUSH_TIMEOUT_S) -> int:
+        """Drop every prefix-cache entry no running request uses; the KV slots that freed.
+        RequestRejected: 503 when the pipeline is gone, 504 when the router did not answer."""
+        if self._failure is not None:
+            raise RequestRejected(self._failure, 503)
+        flush_id = next(self._flush_ids)
+        answer = asyncio.get_running_loop().create_future()
+        self._flushes[flush_id] = answer
+        try:
+            await self._to_router.send(encoder.encode(FlushCache(id=flush_id)))
+            return await asyncio.wait_for(answer, timeout)
+        except asyncio.TimeoutError:
+            raise RequestRejected(f"the router did not answer the cache flush within {timeout:g}s", 504) from None
+        finally:
+            self._flushes.pop(flush_id, None)
+
     def _abort(self, req_ids: list[int]) -> None:
         # not awaited: this runs in generator clean-up, where the task may be cancelled; an
         # unbounded PUSH socket queues the frame at once
@@ -247,6 +272,10 @@ class AsyncEngineClient:
                     self._deliver(output, now)
             elif isinstance(msg, EngineStats):
                 self._record_stats(msg)
+            elif isinstance(msg, CacheFlushed):
+                answer = self._flushes.get(msg.id)
+                if answer is not None and not answer.done():  # else: its caller gave up waiting
+                    answer.set_result(msg.freed_slots)
             elif isinstance(msg, RequestError):
                 for group in {id(g): g for r in msg.req_ids if (g := self._groups.get(r))}.values():
                     group.queue.put_nowait(msg)
@@ -271,9 +300,13 @@ class AsyncEngineClient:
         group.queue.put_nowait(output)
 
     def _record_stats(self, stats: EngineStats) -> None:
-        self.stats = stats
+        previous, self.stats = self.stats, stats
         m = self.metrics
         m.num_running.set(stats.num_running)
         m.num_waiting.set(stats.num_waiting)
         m.kv_slots_used.set(stats.used_slots)
         m.kv_slots_total.set(stats.total_slots)
+        m.kv_slots_cached.set(stats.cached_slots)
+        # the router's figures are cumulative: the counters grow by what each report adds
+        m.prefix_cache_queries.inc(stats.cache_query_tokens - previous.cache_query_tokens)
+        m.prefix_cache_hits.inc(stats.cache_hit_tokens - previous.cache_hit_tokens)

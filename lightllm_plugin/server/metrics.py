@@ -115,6 +115,16 @@ class ServerMetrics:
         self.num_waiting = Gauge("num_requests_waiting", "Requests queued for admission.")
         self.kv_slots_used = Gauge("kv_slots_used", "KV cache token slots in use.")
         self.kv_slots_total = Gauge("kv_slots_total", "KV cache token slots in the pool.")
+        # vLLM's prefix_cache_queries / prefix_cache_hits, in tokens, so a hit rate is hits / queries
+        self.prefix_cache_queries = Counter(
+            "prefix_cache_queries_total", "Prompt tokens looked up in the prefix cache (admitted requests)."
+        )
+        self.prefix_cache_hits = Counter(
+            "prefix_cache_hits_total", "Prompt tokens read from the prefix cache instead of computed."
+        )
+        self.kv_slots_cached = Gauge(
+            "kv_slots_cached", "KV cache token slots the prefix cache holds (shared by running requests or evictable)."
+        )
         self.time_to_first_token = Histogram(
             "time_to_first_token_seconds", "Time from request arrival to its first token.", _TTFT_BUCKETS
         )

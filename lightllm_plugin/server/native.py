@@ -2,7 +2,8 @@
 
 Request: {"inputs": str, "parameters": {...}} (or "messages" instead of "inputs", with the
 chat template applied). Unknown keys are ignored, as LightLLM ignores them, and a null
-parameter means its default (LazyLLM sends "stop_sequences": null).
+parameter means its default (LazyLLM sends "stop_sequences": null). POST /flush_cache
+empties the prefix cache, as LightLLM's does.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class NativeParameters(msgspec.Struct, kw_only=True):
     n: int | None = None
     return_details: bool | None = None
     skip_special_tokens: bool | None = None
+    cache_salt: str | None = None  # requests with different salts never share prefix-cache KV
 
 
 class NativeRequest(msgspec.Struct, kw_only=True):
@@ -80,6 +82,7 @@ def to_sampling_params(p: NativeParameters) -> SamplingParams:
         seed=p.seed,
         logprobs=0,  # LightLLM reports each token's logprob
         skip_special_tokens=pick(p.skip_special_tokens, True),
+        cache_salt=p.cache_salt,
     )
     if not p.do_sample:
         params = msgspec.structs.replace(params, temperature=0.0)
@@ -136,7 +139,7 @@ def request_body_doc() -> dict[str, Any]:
 
     parameters = {name: nullable(ACCEPTED[name]) for name in (
         "temperature", "top_p", "top_k", "repetition_penalty", "presence_penalty", "frequency_penalty",
-        "max_new_tokens", "min_new_tokens", "seed")}
+        "max_new_tokens", "min_new_tokens", "seed", "cache_salt")}
     parameters["stop_sequences"] = nullable(ACCEPTED["stop"])
     parameters["n"] = nullable({"type": "integer", "minimum": 1, "maximum": MAX_SAMPLES,
                                 "description": "1 on /generate_stream"})
@@ -226,10 +229,21 @@ def native_routes(client: AsyncEngineClient) -> APIRouter:
 
         return DisconnectAbortingStream(events(), media_type="text/event-stream")
 
+    # LightLLM answers GET as POST; its body is {"success", "message"}, freed_slots is ours
+    @router.post("/flush_cache")
+    @router.get("/flush_cache")
+    async def flush_cache():
+        try:
+            freed = await client.flush_cache()
+        except RequestRejected as exc:
+            return error_response(exc.status, exc.message, exc.headers)
+        message = f"the prefix cache was flushed: {freed} KV slots freed (entries running requests use stay)"
+        return JSONResponse({"success": True, "message": message, "freed_slots": freed})
+
     return router
 
 
 @hookimpl(tryfirst=True)
 def register_routes(app, engine) -> None:
-    """The built-in plugin "native": LightLLM's /generate and /generate_stream."""
+    """The built-in plugin "native": LightLLM's /generate, /generate_stream and /flush_cache."""
     app.include_router(native_routes(engine))

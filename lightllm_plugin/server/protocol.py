@@ -53,7 +53,13 @@ class FinishRequest(msgspec.Struct, tag=True):
     req_id: int
 
 
-RouterInbox = Union[AddRequest, AbortRequest, FinishRequest]
+class FlushCache(msgspec.Struct, tag=True):
+    """Drop every prefix-cache entry no live request uses; answered by CacheFlushed with this id."""
+
+    id: int
+
+
+RouterInbox = Union[AddRequest, AbortRequest, FinishRequest, FlushCache]
 
 
 # ---- router -> detokenizer --------------------------------------------------------------
@@ -93,6 +99,7 @@ class TokenOutput(msgspec.Struct, array_like=True):
     # the strings of the chosen token and of each top_logprobs id, in that order; rendered
     # only when top alternatives were asked for (logprobs >= 1), so plain requests pay nothing
     logprob_tokens: list[str] | None = None
+    cached_len: int = 0  # prompt tokens read from the prefix cache instead of computed
 
 
 class OutputBatch(msgspec.Struct, tag=True):
@@ -110,11 +117,23 @@ class RequestError(msgspec.Struct, tag=True):
 class EngineStats(msgspec.Struct, tag=True):
     num_running: int
     num_waiting: int
-    used_slots: int
+    used_slots: int  # slots no new request can have: cache entries nothing uses count as free
     total_slots: int
+    # prefix cache: cumulative prompt tokens of admitted requests and, of those, the ones read
+    # from the cache (the api turns their growth into counters); slots the cache owns now
+    cache_query_tokens: int = 0
+    cache_hit_tokens: int = 0
+    cached_slots: int = 0
 
 
-ApiInbox = Union[OutputBatch, RequestError, EngineStats]
+class CacheFlushed(msgspec.Struct, tag=True):
+    """The answer to FlushCache `id`: how many KV slots the flush returned to the free-list."""
+
+    id: int
+    freed_slots: int
+
+
+ApiInbox = Union[OutputBatch, RequestError, EngineStats, CacheFlushed]
 
 
 # ---- children -> launcher ---------------------------------------------------------------

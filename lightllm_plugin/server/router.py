@@ -21,10 +21,12 @@ from lightllm_plugin.server.protocol import (
     AbortRequest,
     AddRequest,
     Addresses,
+    CacheFlushed,
     DetokenizeForget,
     DetokenizeStart,
     EngineStats,
     FinishRequest,
+    FlushCache,
     Ready,
     RequestError,
     RouterInbox,
@@ -64,6 +66,8 @@ class Router:
                 self.to_detokenizer.send(encoder.encode(DetokenizeForget(req_ids=aborted)))
         elif isinstance(msg, FinishRequest):
             self.core.finish(msg.req_id)
+        elif isinstance(msg, FlushCache):
+            self._flush_cache(msg)
 
     def handle_safely(self, msg) -> None:
         """One message whose handling fails (a hostile or buggy peer) must not stop the router."""
@@ -91,6 +95,13 @@ class Router:
             skip_special_tokens=msg.params.skip_special_tokens,
         )
         self.to_detokenizer.send(encoder.encode(start))
+
+    def _flush_cache(self, msg: FlushCache) -> None:
+        freed = self.core.flush_cache()
+        # the figures first: on the one socket they reach the api before the answer does, so a
+        # client that reads the metrics after its flush returned sees the emptied cache
+        self.report_stats(force=True)
+        self.to_api.send(encoder.encode(CacheFlushed(id=msg.id, freed_slots=freed)))
 
     def expire_early_aborts(self) -> None:
         if not self.early_aborts:
@@ -139,12 +150,27 @@ class Router:
 
     def report_stats(self, force: bool = False) -> None:
         core = self.core
-        stats = EngineStats(core.num_running, core.num_waiting, core.used_slots, core.total_slots)
+        stats = EngineStats(
+            core.num_running,
+            core.num_waiting,
+            self._slots_in_use(),
+            core.total_slots,
+            cache_query_tokens=core.cache_query_tokens,
+            cache_hit_tokens=core.cache_hit_tokens,
+            cached_slots=core.cached_slots,
+        )
         now = time.monotonic()
         if stats == self._last_stats or (not force and now - self._last_stats_time < STATS_INTERVAL_S):
             return
         self.to_api.send(encoder.encode(stats))
         self._last_stats, self._last_stats_time = stats, now
+
+    def _slots_in_use(self) -> int:
+        """Slots a new request cannot have. Cache entries no live request uses are evicted on
+        demand, so they count as free, as admission counts them: an idle server reads 0 whatever
+        its cache holds (the cache's own figure is cached_slots)."""
+        cache = self.core.prefix_cache
+        return self.core.used_slots - (cache.evictable_slots if cache is not None else 0)
 
 
 def warm_up(core) -> None:
@@ -154,6 +180,9 @@ def warm_up(core) -> None:
     core.add_request(req_id, list(range(10, 18)), SamplingParams(temperature=0.0, max_new_tokens=2, ignore_eos=True))
     while core.has_unfinished():
         core.step()
+    # the warm-up is no traffic: no client should hit its tokens, or find them in the figures
+    core.flush_cache()
+    core.cache_query_tokens = core.cache_hit_tokens = 0
 
 
 def run_router(config: EngineConfig, addresses: Addresses, parent_pid: int) -> None:

@@ -112,8 +112,9 @@ def test_fuzzing_every_operation_from_the_openapi_document_gives_no_5xx_and_no_h
     start = time.monotonic()
     for op in operations:
         modes = [GenerationMode.POSITIVE]
-        if op.method.upper() == "POST":
-            modes.append(GenerationMode.NEGATIVE)  # GETs take no body: nothing to make invalid but the path
+        if op.method.upper() == "POST" and len(op.body):
+            # without a body (the GETs, POST /flush_cache) there is nothing to make invalid but the path
+            modes.append(GenerationMode.NEGATIVE)
         for mode in modes:
             strategy = op.as_strategy(generation_mode=mode)
             if mode == GenerationMode.POSITIVE and op.method.upper() == "POST":

@@ -9,7 +9,8 @@ Shown:
   ignore_eos, exactly max_tokens tokens, counted by the server's usage as well;
 - no request is lost: each one either completed or was closed by its own client, and the
   server counted exactly as many finished-or-aborted requests as the clients started;
-- the KV slots in use return to 0 after each round;
+- the KV slots in use return to 0 after each round (and the prefix cache is emptied, so that
+  the second round writes the KV pages the first one touched);
 - the server's memory (RSS of the api process and every child) does not grow from the first
   round to the second. Tolerance: the first round is the warm-up (allocator arenas, batch
   shapes, tokenizer caches reach their working size); the second, equal round may add at most
@@ -194,6 +195,9 @@ def _round(server, model) -> dict:
     asyncio.run(run())
     took = time.monotonic() - start
     assert slots_drain(server, timeout=30.0), "KV slots or requests still held after the round"
+    # the prefix cache keeps the round's tokens, so the next round would write fresh pages of the
+    # (lazily committed) KV pool; emptied, the next round reuses the slots this one touched
+    assert httpx.post(server.url + "/flush_cache", timeout=30).json()["success"]
     # every request the clients started reached an end the server counted (finished or aborted)
     started = len(outcomes)
     deadline = time.monotonic() + 10

@@ -49,6 +49,9 @@ class FakeCore:
     num_running = property(lambda self: len(self.live))
     num_waiting = property(lambda self: 0)
     used_slots = property(lambda self: 3 * len(self.live))
+    # no prefix cache
+    prefix_cache = None
+    cache_query_tokens = cache_hit_tokens = cached_slots = 0
 
 
 class Sink:
