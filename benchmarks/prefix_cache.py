@@ -81,7 +81,7 @@ SHAPES = {
 }
 
 DEFAULTS = {
-    "cpu": {"num_requests": 64, "prefix_len": 380, "unique_len": 20, "max_new_tokens": 32, "batch_max_tokens": 8192,
+    "cpu": {"num_requests": 32, "prefix_len": 1520, "unique_len": 80, "max_new_tokens": 32, "batch_max_tokens": 8192,
             "conversations": 4, "turns": 8, "system_words": 300, "user_words": 20, "chat_max_tokens": 16,
             "max_total_token_num": 16384, "streams": 32, "stream_prompt_len": 64, "long_len": 2048},
     "cuda": {"num_requests": 256, "prefix_len": 950, "unique_len": 50, "max_new_tokens": 32, "batch_max_tokens": 8192,
