@@ -192,22 +192,24 @@ class Scheduler:
             if r.prefill_done:
                 batch.decode.append(r)
         budget = self.batch_max_tokens - len(batch.decode)
-        # chunks keep the decodes' steps short; with nothing decoding, a prompt's first token
-        # comes soonest from one step as large as the batch allows
-        prefill_budget = self.chunked_prefill_size if self.chunked_prefill_size and batch.decode else budget
+        # A prompt longer than a chunk takes one chunk a step, so a long prompt adds at most a
+        # chunk's time to the decodes' steps; shorter prompts go whole, as many as the batch
+        # holds (a step cap instead of a per-prompt one would spread a burst of short prompts
+        # over many steps). With nothing decoding, a prompt's first token comes soonest from one
+        # step as large as the batch allows.
+        chunk = self.chunked_prefill_size if self.chunked_prefill_size and batch.decode else budget
         for r in sorted((r for r in self._running.values() if not r.prefill_done), key=lambda r: r.arrival):
-            n = min(budget, prefill_budget, r.prompt_len - r.prefilled_len)
+            n = min(budget, chunk, r.prompt_len - r.prefilled_len)
             if n <= 0:
                 break
             self._take_chunk(batch, r, n)
             budget -= n
-            prefill_budget -= n
         pairs = sorted((-r.remaining_tokens, r.held_tokens) for r in self._running.values())
         i = 0
         while i < len(self._waiting):
             cand = self._waiting[i]
-            room = min(budget, prefill_budget)
-            if len(self._running) + 1 > self.running_max_req_size or room <= 0:
+            room = min(budget, chunk)
+            if len(self._running) + 1 > self.running_max_req_size or budget <= 0:
                 break
             node = None
             cached = 0
@@ -238,7 +240,6 @@ class Scheduler:
             n = min(room, new_tokens)
             self._take_chunk(batch, cand, n)
             budget -= n
-            prefill_budget -= n
         return batch
 
     @staticmethod
