@@ -113,7 +113,11 @@ def _decode_cpu(q: torch.Tensor, kv_layer, kv_scale, req_to_token, rows: torch.T
     if batch == 1:
         kv = _read_kv(kv_layer, kv_scale, req_to_token[rows[0], :max_len], dtype)[None]
     else:  # padded to the longest row, the padding masked; the rows' runs do not join up
-        slots = req_to_token[rows, :max_len].reshape(-1)
+        table = req_to_token[rows, :max_len]
+        shared = _shared_prefix_length(table, min(lens))
+        if shared >= SHARED_PREFIX_MIN_TOKENS:
+            return _decode_shared_prefix_cpu(q, kv_layer, kv_scale, table, lens, shared, scale)
+        slots = table.reshape(-1)
         kv = _read_kv(kv_layer, kv_scale, slots, dtype, may_be_a_run=False)
         kv = kv.view(2 * kv_heads, batch, max_len, head_dim).transpose(0, 1)
         if min(lens) != max_len:
@@ -121,6 +125,48 @@ def _decode_cpu(q: torch.Tensor, kv_layer, kv_scale, req_to_token, rows: torch.T
     qd = q.view(batch, kv_heads, -1, head_dim).to(dtype)
     o = F.scaled_dot_product_attention(qd, kv[:, :kv_heads], kv[:, kv_heads:], attn_mask=mask, scale=scale)
     return o.view(batch, -1, head_dim).to(q.dtype)
+
+
+# Decode rows whose first keys are the same slots (the prefix cache gives every request with one
+# system prompt the same slots for it) attend to those keys in one matmul over all the rows'
+# queries: the shared K/V are read once a step instead of once a row. Below this length the
+# gather of the padded batch costs less than the extra operations.
+SHARED_PREFIX_MIN_TOKENS = 32
+
+
+def _shared_prefix_length(table: torch.Tensor, limit: int) -> int:
+    """How many leading positions hold the same slot in every row of table [B, L], at most limit."""
+    same = (table[:, :limit] == table[:1, :limit]).all(0)
+    return int(same.cumprod(0).sum())
+
+
+def _decode_shared_prefix_cpu(q: torch.Tensor, kv_layer, kv_scale, table: torch.Tensor, lens: list[int],
+                              shared: int, scale) -> torch.Tensor:
+    """Decode attention, float32, split at `shared`: the common prefix's scores for every query in
+    one matmul per KV head, each row's own keys (padded, masked) in a batched one, and one softmax
+    over both, so the result is the attention over all of a row's keys."""
+    batch, kv_heads, head_dim = len(lens), kv_layer.shape[1] // 2, q.shape[-1]
+    group = q.shape[1] // kv_heads
+    queries = q.float().view(batch, kv_heads, group, head_dim).transpose(0, 1)  # [Hkv, B, g, D]
+    prefix = _read_kv(kv_layer, kv_scale, table[0, :shared], torch.float32)  # [2Hkv, P, D]
+    k_pre, v_pre = prefix[:kv_heads], prefix[kv_heads:]
+    scores = torch.matmul(queries.reshape(kv_heads, batch * group, head_dim), k_pre.transpose(1, 2))
+    scores = scores.view(kv_heads, batch, group, shared)
+    own = table.shape[1] - shared
+    if own:
+        rest = _read_kv(kv_layer, kv_scale, table[:, shared:].reshape(-1), torch.float32, may_be_a_run=False)
+        rest = rest.reshape(2 * kv_heads, batch, own, head_dim)
+        k_own, v_own = rest[:kv_heads], rest[kv_heads:]  # [Hkv, B, R, D]
+        own_scores = torch.matmul(queries, k_own.transpose(2, 3))  # [Hkv, B, g, R]
+        valid = torch.arange(own)[None, :] < (torch.tensor(lens) - shared)[:, None]  # [B, R]
+        own_scores = own_scores.masked_fill(~valid[None, :, None, :], float("-inf"))
+        scores = torch.cat([scores, own_scores], dim=-1)
+    probs = torch.softmax(scores * scale, dim=-1)
+    out = torch.matmul(probs[..., :shared].reshape(kv_heads, batch * group, shared), v_pre)
+    out = out.view(kv_heads, batch, group, head_dim)
+    if own:
+        out = out + torch.matmul(probs[..., shared:], v_own)
+    return out.transpose(0, 1).reshape(batch, -1, head_dim).to(q.dtype)
 
 
 def _prefill_cpu(q, kv_layer, kv_scale, slots: torch.Tensor, start: int, n: int, scale, out):

@@ -57,6 +57,30 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("own_lens", [[0, 0, 0], [1, 40, 7], [0, 3, 0]])
+def test_decode_rows_sharing_a_cached_prefix_match_the_reference(own_lens, pool_dtype):
+    """Rows whose first 100 keys are the same slots, as the prefix cache hands them out, then
+    keys of their own (none, or of different lengths): the shared-prefix path, checked against
+    the reference, which gathers every row's keys."""
+    shared = 100
+    seq_lens = [shared + n for n in own_lens]
+    int8 = pool_dtype == torch.int8
+    q, kv, meta = make_batch(seq_lens, [1] * 3, 8, 2, 64, torch.float32 if int8 else pool_dtype, seed=11)
+    req_to_token, rows = meta[0], meta[1].tolist()
+    prefix = req_to_token[rows[0], :shared].clone()
+    for row in rows:
+        req_to_token[row, :shared] = prefix
+    kv_scale = None
+    if int8:
+        kv, kv_scale = quantize_kv_ref(kv)
+    scale = 64**-0.5
+    out = token_attention(q.float(), kv, *meta, scale, kv_scale=kv_scale)
+    ref = token_attention_ref(q.float(), kv, *meta, scale, kv_scale=kv_scale)
+    dtype = torch.float32 if int8 else pool_dtype
+    assert_close(out, ref, dtype, ATT_TOL[dtype])
+
+
 def _case(seq_lens, q_lens, heads, kv_heads, head_dim, pool_dtype, contiguous):
     q, kv, meta = make_batch(seq_lens, q_lens, heads, kv_heads, head_dim, pool_dtype, seed=sum(seq_lens) + heads)
     if contiguous:  # each request's slots one ascending run, as the free-list hands them out
