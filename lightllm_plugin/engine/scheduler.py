@@ -204,7 +204,12 @@ class Scheduler:
                 break
             self._take_chunk(batch, r, n)
             budget -= n
-        pairs = sorted((-r.remaining_tokens, r.held_tokens) for r in self._running.values())
+        # The peak rule assumes every request gains one token a step and is gone once its
+        # remaining tokens are out; a prompt still in chunks after this step produces nothing for
+        # as long as it waits for budget, so it is reserved whole (all it can ever hold) instead.
+        # Its move into the rule when its prefill ends never raises the total.
+        pairs = sorted((-r.remaining_tokens, r.held_tokens) for r in self._running.values() if r.prefill_done)
+        reserved = sum(r.held_tokens + r.remaining_tokens for r in self._running.values() if not r.prefill_done)
         i = 0
         while i < len(self._waiting):
             cand = self._waiting[i]
@@ -224,12 +229,16 @@ class Scheduler:
             if self.chunked_prefill_size is None and new_tokens > room:
                 break
             newly_locked = self.cache.unlocked_slots_above(node) if node is not None else 0
-            pair = (-cand.max_new_tokens, new_tokens)
-            trial = pairs.copy()
-            bisect.insort(trial, pair)
-            if self._locked_slots() + newly_locked + _peak_of_sorted(trial) > self.total_slots:
+            n = min(room, new_tokens)
+            trial, trial_reserved = pairs, reserved
+            if n == new_tokens:
+                trial = pairs.copy()
+                bisect.insort(trial, (-cand.max_new_tokens, new_tokens))
+            else:
+                trial_reserved += new_tokens + cand.max_new_tokens
+            if self._locked_slots() + newly_locked + trial_reserved + _peak_of_sorted(trial) > self.total_slots:
                 break
-            pairs = trial
+            pairs, reserved = trial, trial_reserved
             del self._waiting[i]
             if node is not None:
                 self.cache.lock(node)
@@ -237,7 +246,6 @@ class Scheduler:
             cand.cached_len = cand.shared_len = cand.prefilled_len = cached
             self._running[cand.req_id] = cand
             batch.admitted.append(cand)
-            n = min(room, new_tokens)
             self._take_chunk(batch, cand, n)
             budget -= n
         return batch
