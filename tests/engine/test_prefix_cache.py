@@ -5,7 +5,7 @@ import random
 import pytest
 
 from lightllm_plugin.engine.prefix_cache import PrefixCache, common_prefix_length
-from lightllm_plugin.engine.scheduler import Scheduler, SchedRequest
+from lightllm_plugin.engine.scheduler import SchedRequest, Scheduler
 
 
 def _naive_common(a, b):
