@@ -46,6 +46,7 @@ def run_to_end(engine, prompts, outputs) -> tuple[int, int]:
     """(tokens produced, most requests running at once) of the requests run to their lengths."""
     from lightllm_plugin.sampling_params import SamplingParams
 
+    engine.flush_cache()  # measured without the prefix cache's help from an earlier run
     for i, (p, o) in enumerate(zip(prompts, outputs)):
         engine.add_request(i, p, SamplingParams(temperature=0, max_new_tokens=o, ignore_eos=True))
     produced = peak = 0
@@ -59,6 +60,7 @@ def decode_at_batch(engine, prompts, new_tokens: int) -> tuple[float, int, int]:
     """(seconds, tokens, steps) of the decode steps after every prompt of the batch is in."""
     from lightllm_plugin.sampling_params import SamplingParams
 
+    engine.flush_cache()  # measured without the prefix cache's help from an earlier run
     for i, p in enumerate(prompts):
         engine.add_request(10_000 + i, p, SamplingParams(temperature=0, max_new_tokens=new_tokens, ignore_eos=True))
     produced = 0

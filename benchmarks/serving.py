@@ -282,7 +282,9 @@ def ignore_sigint() -> None:
 def run_load(pool, procs: int, url: str, reqs: list[Request], rate: float, seed: int) -> tuple[list[Result], float]:
     """All requests at their Poisson times, dealt round-robin over the client processes (one
     asyncio process tops out near a server's saturation rate); the results and the busiest
-    client process's CPU seconds."""
+    client process's CPU seconds. The prefix cache is emptied first: every run sends the same
+    requests, and a run must not read the previous one's prompts from the cache."""
+    httpx.post(url + "/flush_cache", timeout=60).raise_for_status()
     times = arrival_times(len(reqs), rate, seed)
     start_epoch = time.time() + 0.5  # time for every worker to receive its share
     shares = [(url, reqs[k::procs], times[k::procs], start_epoch) for k in range(procs)]
@@ -324,6 +326,7 @@ def run_offline(folder: str, engine_kw: dict, reqs: list[Request], warm: list[Re
     expected = sum(r.output_len for r in reqs)
     runs = []
     for batch in [warm] + [reqs] * repeats:
+        engine.flush_cache()  # the same requests each time: none may hit the previous run's
         for r in batch:
             engine.add_request(engine.new_request_id(), r.prompt_ids,
                                SamplingParams(temperature=0, max_new_tokens=r.output_len, ignore_eos=True))
