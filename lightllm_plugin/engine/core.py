@@ -316,11 +316,15 @@ class EngineCore:
                     self._cache_prompt(live, adopted)
         for live in order:
             live.sampler.blocked_ids = self._blocked_ids(live, len(live.output_ids))
-        launched = _LaunchedStep(order, self.runner.launch(entries, table_writes=self._take_table_writes()))
-        if adopted:
-            self.free_slots.free([own for _, _, _, own in adopted])
-            self._table_writes.extend((row, pos, slot) for row, pos, slot, _ in adopted)
-        return launched
+        try:
+            pending = self.runner.launch(entries, table_writes=self._take_table_writes())
+        finally:
+            # launched or failed, the own copies are no request's any more (live.slots holds the
+            # cache's): freed here, or a failed step would leak them
+            if adopted:
+                self.free_slots.free([own for _, _, _, own in adopted])
+                self._table_writes.extend((row, pos, slot) for row, pos, slot, _ in adopted)
+        return _LaunchedStep(order, pending)
 
     def _decode_entry(self, live: _LiveRequest, output_len: int, token: int) -> StepEntry:
         """Feed back output token number `output_len` (1-based) into one new KV slot."""

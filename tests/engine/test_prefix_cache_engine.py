@@ -239,3 +239,22 @@ def test_int8_kv_with_the_cache_gives_the_tokens_of_int8_kv_without_it():
     got = run(with_cache, work)
     assert with_cache.cache_hit_tokens > 0
     assert tokens_of(got) == tokens_of(run(without, work))
+
+
+def test_a_step_that_fails_while_a_repeated_prompt_adopts_cached_slots_leaks_none(monkeypatch):
+    """A repeated prompt's last token is recomputed into a slot of its own and then read from the
+    cache's copy; when the step raises, the own slot must still go back (fail_running, as the
+    router calls it)."""
+    engine = _tiny_engine(400)
+    ids = list(range(10, 40))
+    run(engine, [(1, ids, greedy(3))])
+
+    def failing_launch(*args, **kwargs):
+        raise RuntimeError("the model failed")
+
+    monkeypatch.setattr(engine.runner, "launch", failing_launch)
+    engine.add_request(2, ids, greedy(3))
+    with pytest.raises(RuntimeError):
+        engine.step()
+    assert engine.fail_running() == [2]
+    assert engine.free_slots.num_free == engine.total_slots and engine.cached_slots == 0
