@@ -222,7 +222,7 @@ class Scheduler:
                 # the last prompt token is always computed: its logits give the first output token
                 node = self.cache.match(cand.prompt_ids[: cand.prompt_len - 1], cand.salt)
                 cached = node.depth
-                if self._shares_a_running_prefill(cand, cached, batch):
+                if self._shares_a_running_prefill(cand, cached):
                     i += 1
                     continue
             new_tokens = cand.prompt_len - cached
@@ -256,7 +256,7 @@ class Scheduler:
         r.prefilled_len += n
         batch.prefill.append(r)
 
-    def _shares_a_running_prefill(self, cand: SchedRequest, cached: int, batch: ScheduledBatch) -> bool:
+    def _shares_a_running_prefill(self, cand: SchedRequest, cached: int) -> bool:
         """Whether a prompt still being prefilled (its tokens not in the cache yet) holds enough
         more of cand's prompt than the cache does that cand should wait for it."""
         usable = cand.prompt_len - 1
