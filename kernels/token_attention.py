@@ -104,27 +104,32 @@ def _decode_cpu(q: torch.Tensor, kv_layer, kv_scale, req_to_token, rows: torch.T
                 scale) -> torch.Tensor:
     """q: [B, H, D], one query per request -> [B, H, D]. A GQA group's query heads are the rows of
     one SDPA "sequence" over its kv head (no causal mask: every key is visible), so K/V are never
-    repeated per head."""
+    repeated per head. Rows of one length share an SDPA call; rows of different lengths take
+    their own, never one call padded to the longest: SDPA's sums change with the padded length,
+    and a greedy row's tokens must not depend on what else shares its step."""
     batch, kv_heads, head_dim = len(rows), kv_layer.shape[1] // 2, q.shape[-1]
-    max_len = max(lens)
-    # the pool's dtype for SDPA: a bfloat16 pool is read as it is, half the bytes of float32
-    dtype = q.dtype if kv_scale is not None else kv_layer.dtype
-    mask = None
-    if batch == 1:
-        kv = _read_kv(kv_layer, kv_scale, req_to_token[rows[0], :max_len], dtype)[None]
-    else:  # padded to the longest row, the padding masked; the rows' runs do not join up
-        table = req_to_token[rows, :max_len]
+    if batch > 1:
+        table = req_to_token[rows, : max(lens)]
         shared = _shared_prefix_length(table, min(lens))
         if shared >= SHARED_PREFIX_MIN_TOKENS:
             return _decode_shared_prefix_cpu(q, kv_layer, kv_scale, table, lens, shared, scale)
-        slots = table.reshape(-1)
-        kv = _read_kv(kv_layer, kv_scale, slots, dtype, may_be_a_run=False)
-        kv = kv.view(2 * kv_heads, batch, max_len, head_dim).transpose(0, 1)
-        if min(lens) != max_len:
-            mask = (torch.arange(max_len)[None, :] < torch.tensor(lens)[:, None])[:, None, None, :]
-    qd = q.view(batch, kv_heads, -1, head_dim).to(dtype)
-    o = F.scaled_dot_product_attention(qd, kv[:, :kv_heads], kv[:, kv_heads:], attn_mask=mask, scale=scale)
-    return o.view(batch, -1, head_dim).to(q.dtype)
+    # the pool's dtype for SDPA: a bfloat16 pool is read as it is, half the bytes of float32
+    dtype = q.dtype if kv_scale is not None else kv_layer.dtype
+    by_length: dict[int, list[int]] = {}
+    for b, n in enumerate(lens):
+        by_length.setdefault(n, []).append(b)
+    out = torch.empty_like(q)
+    for n, members in by_length.items():
+        if len(members) == 1:  # read in place when its slots form one run
+            kv = _read_kv(kv_layer, kv_scale, req_to_token[rows[members[0]], :n], dtype)[None]
+        else:
+            slots = req_to_token[rows[members], :n].reshape(-1)
+            kv = _read_kv(kv_layer, kv_scale, slots, dtype, may_be_a_run=False)
+            kv = kv.view(2 * kv_heads, len(members), n, head_dim).transpose(0, 1)
+        qd = q[members].view(len(members), kv_heads, -1, head_dim).to(dtype)
+        o = F.scaled_dot_product_attention(qd, kv[:, :kv_heads], kv[:, kv_heads:], scale=scale)
+        out[members] = o.view(len(members), -1, head_dim).to(q.dtype)
+    return out
 
 
 # Decode rows whose first keys are the same slots (the prefix cache gives every request with one

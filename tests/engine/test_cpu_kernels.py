@@ -112,3 +112,20 @@ def test_cpu_attention_reads_an_int8_pool_as_the_reference_does(seq_lens, q_lens
     out = token_attention(q, values, *meta, scale, kv_scale=scales)
     ref = token_attention_ref(q, values, *meta, scale, kv_scale=scales)
     assert_close(out, ref, torch.float32, ATT_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("contiguous", [False, True])
+def test_a_decode_row_gets_the_same_bits_batched_as_alone(pool_dtype, contiguous):
+    """A greedy stream's tokens must not depend on what else shares its step: each row of a decode
+    batch (lengths that differ, two that are equal) equals, to the bit, that row decoded alone."""
+    seq_lens = [7, 33, 33, 300, 129]
+    q, kv, meta = _case(seq_lens, [1] * len(seq_lens), 9, 3, 64, pool_dtype, contiguous)
+    req_to_token, rows, lens, q_start, q_len = meta
+    scale = 64**-0.5
+    batched = token_attention(q, kv, *meta, scale)
+    for b in range(len(seq_lens)):
+        alone = token_attention(q[b : b + 1], kv, req_to_token, rows[b : b + 1], lens[b : b + 1],
+                                q_start[:1] * 0, q_len[b : b + 1], scale)
+        assert torch.equal(batched[b : b + 1], alone), b
+    assert_close(batched, token_attention_ref(q, kv, *meta, scale), pool_dtype, ATT_TOL[pool_dtype])
