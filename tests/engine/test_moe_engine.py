@@ -1,0 +1,65 @@
+"""A mixture-of-experts model through the engine on CPU: split over two ranks (each expert's
+columns, as the dense MLP's) it gives the greedy tokens of the whole model, with the prefix cache
+and chunked prefill on, and no slot leaks."""
+
+import socket
+
+import pytest
+import torch
+import transformers
+
+from lightllm_plugin import LLM, SamplingParams
+from lightllm_plugin.models.loader import read_hf_config
+from lightllm_plugin.models.model_config import ModelConfig
+from lightllm_plugin.models.tensor_parallel import plan_shard
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen2_moe(tmp_path_factory):
+    """Odd expert and shared-expert widths (uneven splits), a dense layer among the sparse ones."""
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2MoeConfig(vocab_size=1001, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                      num_experts=6, num_experts_per_tok=2, moe_intermediate_size=37,
+                                      shared_expert_intermediate_size=45, mlp_only_layers=[1])
+    model = transformers.Qwen2MoeForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                p.copy_(torch.randn_like(p) * 0.5)  # decisive routing
+    path = tmp_path_factory.mktemp("qwen2moe")
+    model.save_pretrained(path)
+    return str(path)
+
+
+def test_every_expert_column_has_exactly_one_owner(tiny_qwen2_moe):
+    cfg = ModelConfig.from_hf_dict(read_hf_config(tiny_qwen2_moe))
+    for world in (2, 4):
+        shards = [plan_shard(cfg, r, world) for r in range(world)]
+        assert [i for s in shards for i in range(*s.moe_intermediate)] == list(range(37))
+        assert [i for s in shards for i in range(*s.shared_intermediate)] == list(range(45))
+
+
+def _greedy_tokens(model, tp, prompts, max_tokens, **config):
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    with LLM(model, tp=tp, data_type="float32", nccl_port=_free_port(), max_total_token_num=2048,
+             max_req_total_len=256, max_req_input_len=160, progress=False, **config) as llm:
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        assert llm.engine.used_slots == llm.engine.cached_slots
+        return [o.outputs[0].token_ids for o in outs]
+
+
+@pytest.mark.slow
+def test_split_two_ways_gives_the_greedy_tokens_of_the_whole_model(tiny_qwen2_moe):
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 1001, (n,), generator=g).tolist() for n in (1, 9, 90)]
+    prompts += [prompts[2], prompts[2][:70] + prompts[1]]  # cached prefixes
+    whole = _greedy_tokens(tiny_qwen2_moe, 1, prompts, 16, disable_dynamic_prompt_cache=True,
+                           disable_chunked_prefill=True)
+    assert _greedy_tokens(tiny_qwen2_moe, 2, prompts, 16, chunked_prefill_size=32) == whole
