@@ -187,6 +187,16 @@ def _config(entries: int) -> tuple[int, int, int, int, int]:
     raise AssertionError("unreachable")
 
 
+def workspace_bytes(tokens: int, top_k: int, experts: int, hidden: int, inter: int, dtype: torch.dtype) -> int:
+    """Bytes the launcher allocates for one call on `tokens` tokens (besides its output), which
+    exist only during the call: the KV pool's sizing sets them aside."""
+    entries = tokens * top_k
+    block_m = _config(entries)[0]
+    num_blocks = cdiv(entries, block_m) + min(experts, entries)
+    routing = entries * (4 + 4) + experts * 3 * 4 + num_blocks * (1 + block_m) * 4
+    return routing + entries * (inter + hidden) * torch.empty((), dtype=dtype).element_size()
+
+
 def fused_moe(x: torch.Tensor, router_logits: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
               top_k: int, renormalize: bool, block_config: tuple[int, int, int, int, int] | None = None) -> torch.Tensor:
     """The experts' weighted MLP output [T, H] for x [T, H]; see the module docstring.

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightllm_plugin.kernels.fused_moe import fused_moe
+from lightllm_plugin.kernels.fused_moe import fused_moe, workspace_bytes
 from lightllm_plugin.kernels.one_row_linear import one_row_linear
 from lightllm_plugin.kernels.silu_and_mul import silu_and_mul
 from lightllm_plugin.models.model_config import ModelConfig
@@ -40,3 +40,12 @@ class SparseMoE(nn.Module):
             shared = one_row_linear(silu_and_mul(one_row_linear(x, self.shared_gate_up.weight)), self.shared_down.weight)
             out = out + torch.sigmoid(F.linear(x, self.shared_expert_gate.weight)) * shared
         return out
+
+
+def moe_workspace_bytes(cfg: ModelConfig, tokens: int, dtype: torch.dtype) -> int:
+    """The fused kernel's scratch memory for a forward of `tokens` tokens (0 for a dense model):
+    one layer's at a time, since each is freed before the next layer runs."""
+    if not cfg.sparse_layers:
+        return 0
+    return workspace_bytes(tokens, cfg.num_experts_per_tok, cfg.num_experts, cfg.hidden_size,
+                           cfg.moe_intermediate_size, dtype)

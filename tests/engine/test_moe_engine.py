@@ -2,6 +2,7 @@
 columns, as the dense MLP's) it gives the greedy tokens of the whole model, with the prefix cache
 and chunked prefill on, and no slot leaks."""
 
+import dataclasses
 import socket
 
 import pytest
@@ -63,3 +64,18 @@ def test_split_two_ways_gives_the_greedy_tokens_of_the_whole_model(tiny_qwen2_mo
     whole = _greedy_tokens(tiny_qwen2_moe, 1, prompts, 16, disable_dynamic_prompt_cache=True,
                            disable_chunked_prefill=True)
     assert _greedy_tokens(tiny_qwen2_moe, 2, prompts, 16, chunked_prefill_size=32) == whole
+
+
+def test_the_pool_is_sized_beside_the_experts_workspace(tiny_qwen2_moe):
+    """The KV pool's sizing sets aside the fused kernel's scratch for the largest forward: a
+    workspace larger than free memory leaves the smallest pool, and a dense model sets none aside."""
+    from lightllm_plugin.engine.memory import free_memory_bytes, profiled_slot_count
+    from lightllm_plugin.models.moe import moe_workspace_bytes
+
+    cfg = ModelConfig.from_hf_dict(read_hf_config(tiny_qwen2_moe))
+    tokens = 16384
+    # routing, sorting and two [T*k, width] activations of the experts
+    assert moe_workspace_bytes(cfg, tokens, torch.bfloat16) >= tokens * 2 * (37 + 64) * 2
+    assert moe_workspace_bytes(dataclasses.replace(cfg, sparse_layers=()), tokens, torch.bfloat16) == 0
+    cpu = torch.device("cpu")
+    assert profiled_slot_count(cpu, 1.0, 1024, 10**9, reserve_bytes=2 * free_memory_bytes(cpu)) == 1
