@@ -77,10 +77,10 @@ def _route_kernel(LOGITS, WEIGHTS, IDS, COUNTS, E, stride_t, TOP_K: tl.constexpr
         chosen_w = tl.where(ks == j, best, chosen_w)
         chosen_id = tl.where(ks == j, idx, chosen_id)
         p = tl.where(cols == idx, -1.0, p)
-        tl.atomic_add(COUNTS + idx, 1)
+    kmask = ks < TOP_K
+    tl.atomic_add(COUNTS + chosen_id, tl.full([BLOCK_K], 1, tl.int32), mask=kmask)
     if RENORMALIZE:
         chosen_w = chosen_w / tl.sum(chosen_w, axis=0)
-    kmask = ks < TOP_K
     tl.store(WEIGHTS + t * TOP_K + ks, chosen_w, mask=kmask)
     tl.store(IDS + t * TOP_K + ks, chosen_id, mask=kmask)
 

@@ -63,6 +63,8 @@ _RENAMED = {
     # transformers 5 holds the experts stacked already (a state_dict handed over in memory)
     "mlp.experts.gate_up_proj": "moe.w_gate_up",
     "mlp.experts.down_proj": "moe.w_down",
+    "block_sparse_moe.experts.gate_up_proj": "moe.w_gate_up",
+    "block_sparse_moe.experts.down_proj": "moe.w_down",
     "mlp.shared_expert.down_proj.weight": "moe.shared_down.weight",
     "mlp.shared_expert_gate.weight": "moe.shared_expert_gate.weight",
 }
