@@ -216,10 +216,10 @@ def main() -> None:
             print(rows[-1], flush=True)
             rows += kernel_rows(shape, engine.runner.model.layers[0].moe, bw, mm)
             print("\n".join(rows[-3:]), flush=True)
-            del engine, hf
         except Exception:
             traceback.print_exc()
             rows.append(f"| {shape} | failed: see the traceback above | | |")
+        engine = hf = None  # the next shape needs the memory, also after a failure
         gc.collect()
         torch.cuda.empty_cache()
     if not args.skip_offline:
