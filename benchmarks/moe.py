@@ -70,7 +70,7 @@ def kernel_rows(shape: str, moe, bw: float, mm: float) -> list[str]:
         x = torch.randn(tokens, hidden, generator=g, device="cuda", dtype=torch.bfloat16)
         logits = torch.randn(tokens, experts, generator=g, device="cuda", dtype=torch.bfloat16)
         distinct = int(moe_route_ref(logits, k, True)[1].unique().numel())
-        table = _config(tokens * k)
+        table = _config(tokens * k, experts)
         timings = {}
         for config in sorted(set(configs) | {table}):
             try:

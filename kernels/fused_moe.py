@@ -168,21 +168,28 @@ def _expert_gemm_kernel(
     tl.store(out, acc.to(OUT.dtype.element_ty), mask=valid[:, None] & col_mask[None, :])
 
 
-# Block sizes by the number of entries (tokens x k), chosen on an H200 with the Qwen3-30B-A3B and
-# Mixtral-8x7B expert shapes (benchmarks/moe.py): few entries are weight-bound, so narrow column
-# tiles give more programs to stream the chosen experts' weights; many entries are compute-bound
-# and take the largest tiles the shared memory holds. (max entries, BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)
+# Block sizes by the rows an expert gets on average (entries / experts), measured on an H200 with
+# bf16 Qwen3-30B-A3B (128 experts, k=8, H=2048, I=768) and Mixtral-8x7B (8 experts, k=2, H=4096,
+# I=14336) experts, best of the sweep in benchmarks/moe.py:
+# - 1 row (batch-1 decode): (16, 32, 128): 16 rows is tl.dot's least; narrow column tiles give
+#   the most programs to stream the chosen experts' weights (Mixtral 350 us, 2.0 TB/s);
+# - 16 rows (Qwen3 at batch 256): (32, 64, 128) 341 us, 3.5 TB/s of expert weights (84% of copy);
+# - 64 rows (Mixtral at batch 256): (64, 64, 64) 813 us, 3.5 TB/s (82%); (16, 64, 128) took 1515 us;
+# - 1024+ rows (16,384-token prefill): (128, 128, 64, 8 warps, 3 stages) 389 TFLOP/s (Qwen3) and
+#   485 TFLOP/s (Mixtral), against 298-394 for the smaller tiles.
+# (max rows per expert, BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)
 _CONFIGS = (
-    (64, 16, 32, 128, 4, 4),
-    (1024, 16, 64, 128, 4, 4),
-    (8192, 64, 64, 64, 4, 4),
+    (4, 16, 32, 128, 4, 4),
+    (32, 32, 64, 128, 4, 4),
+    (256, 64, 64, 64, 4, 4),
     (None, 128, 128, 64, 8, 3),
 )
 
 
-def _config(entries: int) -> tuple[int, int, int, int, int]:
+def _config(entries: int, experts: int) -> tuple[int, int, int, int, int]:
+    rows_per_expert = cdiv(entries, experts)
     for limit, *config in _CONFIGS:
-        if limit is None or entries <= limit:
+        if limit is None or rows_per_expert <= limit:
             return tuple(config)
     raise AssertionError("unreachable")
 
@@ -191,7 +198,7 @@ def workspace_bytes(tokens: int, top_k: int, experts: int, hidden: int, inter: i
     """Bytes the launcher allocates for one call on `tokens` tokens (besides its output), which
     exist only during the call: the KV pool's sizing sets them aside."""
     entries = tokens * top_k
-    block_m = _config(entries)[0]
+    block_m = _config(entries, experts)[0]
     num_blocks = cdiv(entries, block_m) + min(experts, entries)
     routing = entries * (4 + 4) + experts * 3 * 4 + num_blocks * (1 + block_m) * 4
     return routing + entries * (inter + hidden) * torch.empty((), dtype=dtype).element_size()
@@ -216,7 +223,7 @@ def fused_moe(x: torch.Tensor, router_logits: torch.Tensor, w_gate_up: torch.Ten
         return out
     dev = x.device
     entries = t * top_k
-    block_m, block_n, block_k, warps, stages = block_config or _config(entries)
+    block_m, block_n, block_k, warps, stages = block_config or _config(entries, e)
     num_blocks = cdiv(entries, block_m) + min(e, entries)
     weights = torch.empty(t, top_k, dtype=torch.float32, device=dev)
     ids = torch.empty(t, top_k, dtype=torch.int32, device=dev)
