@@ -18,12 +18,6 @@ decode step under a CUDA graph captures it):
 5. the k results of a token summed (torch).
 The number of row blocks is bounded on the host by cdiv(T*k, BLOCK_M) + min(E, T*k) (each
 non-empty expert wastes at most one partly filled block); blocks past the real ones exit at once.
-
-A batch-1 decode step (one token: its k experts are distinct) takes a shorter path of two launches
-that need no sorting: `_decode_gate_up_kernel` (a program per chosen expert and block of its
-columns, each routing the token itself from its E logits) and `_decode_down_kernel` (a program per
-block of output columns, adding the k experts' weighted rows in token order). Each reads only the
-chosen experts' weights, once, as a matrix-vector product instead of a 16-row tl.dot.
 """
 
 from __future__ import annotations
@@ -174,106 +168,6 @@ def _expert_gemm_kernel(
     tl.store(out, acc.to(OUT.dtype.element_ty), mask=valid[:, None] & col_mask[None, :])
 
 
-@jit
-def _top_k_choice(LOGITS, t, j, E, stride_t, TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr,
-                  BLOCK_E: tl.constexpr):
-    """Token t's j-th chosen expert and its weight, as _route_kernel chooses them."""
-    cols = tl.arange(0, BLOCK_E)
-    logits = tl.load(LOGITS + t * stride_t + cols, mask=cols < E, other=-float("inf")).to(tl.float32)
-    p = tl.exp(logits - tl.max(logits, axis=0))
-    p = p / tl.sum(p, axis=0)
-    total = 0.0
-    chosen_w = 0.0
-    chosen = 0
-    for i in tl.static_range(TOP_K):
-        best = tl.max(p, axis=0)
-        idx = tl.min(tl.where(p == best, cols, BLOCK_E), axis=0)
-        total += best
-        chosen_w = tl.where(i == j, best, chosen_w)
-        chosen = tl.where(i == j, idx, chosen)
-        p = tl.where(cols == idx, -1.0, p)
-    if RENORMALIZE:
-        chosen_w = chosen_w / total
-    return chosen, chosen_w
-
-
-@jit
-def _decode_gate_up_kernel(X, LOGITS, W, ACT, WEIGHTS, IDS, E, N, K, stride_x, stride_t, stride_we, stride_wn,
-                           TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr,
-                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    entry = tl.program_id(0)
-    t = entry // TOP_K
-    expert, weight = _top_k_choice(LOGITS, t, entry % TOP_K, E, stride_t, TOP_K, RENORMALIZE, BLOCK_E)
-    if tl.program_id(1) == 0:  # for the down projection
-        tl.store(WEIGHTS + entry, weight)
-        tl.store(IDS + entry, expert)
-    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
-    w_rows = W + expert.to(tl.int64) * stride_we + rows.to(tl.int64)[:, None] * stride_wn
-    acc_gate = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_mask = ks < K
-        x = tl.load(X + t.to(tl.int64) * stride_x + ks, mask=k_mask, other=0.0).to(tl.float32)
-        mask = row_mask[:, None] & k_mask[None, :]
-        acc_gate += tl.load(w_rows + ks[None, :], mask=mask, other=0.0).to(tl.float32) * x[None, :]
-        acc_up += tl.load(w_rows + N * stride_wn + ks[None, :], mask=mask, other=0.0).to(tl.float32) * x[None, :]
-    gate = tl.sum(acc_gate, axis=1)
-    act = gate * tl.sigmoid(gate) * tl.sum(acc_up, axis=1)
-    tl.store(ACT + entry.to(tl.int64) * N + rows, act.to(ACT.dtype.element_ty), mask=row_mask)
-
-
-@jit
-def _decode_down_kernel(ACT, W, WEIGHTS, IDS, OUT, N, K, stride_we, stride_wn, stride_o, TOP_K: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    t = tl.program_id(0).to(tl.int64)
-    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
-    out = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for j in tl.static_range(TOP_K):
-        entry = t * TOP_K + j
-        expert = tl.load(IDS + entry).to(tl.int64)
-        w_rows = W + expert * stride_we + rows.to(tl.int64)[:, None] * stride_wn
-        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            k_mask = ks < K
-            a = tl.load(ACT + entry * K + ks, mask=k_mask, other=0.0).to(tl.float32)
-            w = tl.load(w_rows + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-            acc += w.to(tl.float32) * a[None, :]
-        out += tl.load(WEIGHTS + entry) * tl.sum(acc, axis=1)
-    tl.store(OUT + t * stride_o + rows, out.to(OUT.dtype.element_ty), mask=row_mask)
-
-
-# (BLOCK_N, BLOCK_K, warps) of the batch-1 path
-DECODE_CONFIG = (16, 256, 4)
-
-
-def _launch_decode(x, router_logits, w_gate_up, w_down, top_k, renormalize, config=None) -> torch.Tensor:
-    """The matrix-vector path; any token count works, but only one token's experts are sure to be
-    distinct (with more tokens an expert chosen twice is read twice)."""
-    t, h = x.shape
-    e, two_i, _ = w_gate_up.shape
-    inter = two_i // 2
-    block_n, block_k, warps = config or DECODE_CONFIG
-    entries = t * top_k
-    weights = torch.empty(entries, dtype=torch.float32, device=x.device)
-    ids = torch.empty(entries, dtype=torch.int32, device=x.device)
-    act = torch.empty(entries, inter, dtype=x.dtype, device=x.device)
-    _decode_gate_up_kernel[(entries, cdiv(inter, block_n))](
-        x, router_logits, w_gate_up, act, weights, ids, e, inter, h, x.stride(0), router_logits.stride(0),
-        w_gate_up.stride(0), w_gate_up.stride(1), TOP_K=top_k, RENORMALIZE=renormalize, BLOCK_E=next_pow2(e),
-        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
-    )
-    out = torch.empty_like(x)
-    _decode_down_kernel[(t, cdiv(h, block_n))](
-        act, w_down, weights, ids, out, h, inter, w_down.stride(0), w_down.stride(1), out.stride(0), TOP_K=top_k,
-        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
-    )
-    return out
-
-
 # Block sizes by the rows an expert gets on average (entries / experts), measured on an H200 with
 # bf16 Qwen3-30B-A3B (128 experts, k=8, H=2048, I=768) and Mixtral-8x7B (8 experts, k=2, H=4096,
 # I=14336) experts, best of the sweep in benchmarks/moe.py:
@@ -311,11 +205,9 @@ def workspace_bytes(tokens: int, top_k: int, experts: int, hidden: int, inter: i
 
 
 def fused_moe(x: torch.Tensor, router_logits: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
-              top_k: int, renormalize: bool, block_config: tuple[int, int, int, int, int] | None = None,
-              decode_config: tuple[int, int, int] | None = None) -> torch.Tensor:
+              top_k: int, renormalize: bool, block_config: tuple[int, int, int, int, int] | None = None) -> torch.Tensor:
     """The experts' weighted MLP output [T, H] for x [T, H]; see the module docstring.
-    For sweeps, `block_config` (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) overrides the grouped
-    path's table and `decode_config` (BLOCK_N, BLOCK_K, warps) DECODE_CONFIG."""
+    `block_config` (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) overrides the table, for sweeps."""
     t, h = x.shape
     e, two_i, h_w = w_gate_up.shape
     inter = two_i // 2
@@ -326,8 +218,6 @@ def fused_moe(x: torch.Tensor, router_logits: torch.Tensor, w_gate_up: torch.Ten
     x = x.contiguous()
     router_logits = router_logits.contiguous()
     assert w_gate_up.stride(-1) == 1 and w_down.stride(-1) == 1
-    if t == 1 and block_config is None:
-        return _launch_decode(x, router_logits, w_gate_up, w_down, top_k, renormalize, decode_config)
     out = torch.empty_like(x)
     if t == 0:
         return out

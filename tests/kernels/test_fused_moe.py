@@ -2,7 +2,7 @@ import pytest
 import torch
 from support.kernel_check import DTYPES, assert_close
 
-from lightllm_plugin.kernels.fused_moe import _CONFIGS, _launch_decode, fused_moe, fused_moe_ref, moe_route_ref
+from lightllm_plugin.kernels.fused_moe import _CONFIGS, fused_moe, fused_moe_ref, moe_route_ref
 
 
 def _inputs(tokens, hidden, inter, experts, dtype, seed, only_experts=None):
@@ -45,16 +45,3 @@ def test_every_block_config_matches_reference(block_config):
     x, logits, w1, w2 = _inputs(33, 64, 72, 8, torch.float32, 7, only_experts=5)
     out = fused_moe(x, logits, w1, w2, 2, False, block_config=block_config)
     assert_close(out, fused_moe_ref(x, logits, w1, w2, 2, False), torch.float32)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("tokens,top_k,renormalize", [(1, 2, True), (1, 4, False), (3, 2, False)])
-def test_the_decode_path_matches_reference(dtype, tokens, top_k, renormalize):
-    """The matrix-vector path batch-1 steps take (fused_moe picks it for one token), and the same
-    launcher on three tokens, at widths that are not multiples of its blocks."""
-    x, logits, w1, w2 = _inputs(tokens, 80, 40, 8, dtype, 11 + tokens)
-    out = _launch_decode(x, logits, w1, w2, top_k, renormalize, config=(16, 32, 4))
-    ref = fused_moe_ref(x, logits, w1, w2, top_k, renormalize)
-    assert_close(out, ref, dtype)
-    if tokens == 1:
-        assert_close(fused_moe(x, logits, w1, w2, top_k, renormalize), ref, dtype)
