@@ -8,10 +8,12 @@ the engine in memory. For each shape:
 - batch-1 decode ms/token (CUDA graphs) against the floor: the bytes a step must read (the chosen
   experts, the router, attention, the context's K/V, the lm_head, one embedding row) over the
   device copy bandwidth of this run (bytes read plus written, as benchmarks/offline_throughput.py);
+- the kernel at one token over every layer's experts in one CUDA graph (launch overhead out, no
+  layer's weights left in L2), for each config of a small sweep: bytes/s of the k chosen experts;
 - the kernel alone (routing, sorting, both grouped GEMMs, the sum) on layer 0's experts, L2 flushed
-  between calls, for each block config of a small sweep: at 1 and 256 tokens the bytes/s of the
-  expert weights it reads (each distinct chosen expert once) against the copy bandwidth; at a
-  16,384-token prefill batch its TFLOP/s (6 * tokens * k * I * H) against a bf16 8192^3 matmul.
+  between calls, for each block config of a small sweep: at 256 tokens the bytes/s of the expert
+  weights it reads (each distinct chosen expert once) against the copy bandwidth; at a 16,384-token
+  prefill batch its TFLOP/s (6 * tokens * k * I * H) against a bf16 8192^3 matmul.
 Offline throughput: the offline benchmark's workload (U[100,1024] prompt and output lengths,
 seed 0) through the engine, and HF generate on the first --hf-requests of it, on the first shape
 cut to --offline-layers layers so that HF's per-expert loop finishes in the run.
@@ -30,6 +32,7 @@ import traceback
 
 import torch
 import transformers
+from decode_latency import graph_replay_breakdown
 from offline_throughput import copy_bandwidth, engine_from_hf, matmul_flops, random_model
 
 SHAPES = {
@@ -45,10 +48,48 @@ SHAPES = {
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) tried at each token count
 SWEEP = {
-    1: [(16, 32, 128, 4, 4), (16, 64, 128, 4, 4), (16, 32, 256, 4, 3)],
     256: [(16, 64, 128, 4, 4), (32, 64, 128, 4, 4), (64, 64, 64, 4, 4)],
     16384: [(64, 64, 64, 4, 4), (64, 128, 64, 4, 3), (128, 64, 64, 4, 3), (128, 128, 64, 8, 3)],
 }
+
+
+DECODE_SWEEP = [(16, 32, 128, 4, 4), (16, 16, 128, 4, 4), (16, 64, 128, 4, 4), (16, 32, 256, 4, 3)]
+
+
+def decode_kernel_rows(shape: str, model, bw: float) -> list[str]:
+    """The kernel at one token over every layer's experts in one CUDA graph, as a decode step runs
+    it (no launch overhead, no layer's weights still in L2 when it comes round again): us per layer
+    and the bytes/s of the k chosen experts' weights, for each config of a small sweep."""
+    from lightllm_plugin.kernels.fused_moe import _config, fused_moe
+
+    moes = [layer.moe for layer in model.layers if layer.moe is not None]
+    experts, two_i, hidden = moes[0].w_gate_up.shape
+    k = moes[0].top_k
+    expert_bytes = 3 * (two_i // 2) * hidden * moes[0].w_gate_up.element_size()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(1, hidden, generator=g, device="cuda", dtype=torch.bfloat16)
+    logits = torch.randn(len(moes), 1, experts, generator=g, device="cuda", dtype=torch.bfloat16)
+    table = _config(k, experts)
+    timings = {}
+    for config in sorted(set(DECODE_SWEEP) | {table}):
+        def step():
+            for i, moe in enumerate(moes):
+                fused_moe(x, logits[i], moe.w_gate_up, moe.w_down, k, True, block_config=config)
+        step()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        timings[config] = bench_ms(graph.replay) / len(moes)
+        del graph
+    for config, ms in sorted(timings.items(), key=lambda kv: kv[1]):
+        print(f"  {shape} tokens=1 config={config}{' (table)' if config == table else ''}, all layers in a graph: "
+              f"{ms * 1e3:.1f} us/layer, {k * expert_bytes / (ms * 1e-3) / 1e9:.0f} GB/s")
+    best = min(timings, key=timings.get)
+    gbs = k * expert_bytes / (timings[best] * 1e-3)
+    return [f"| {shape} kernel, batch 1 decode {best}, all {len(moes)} layers in a graph | "
+            f"{timings[best] * 1e3:.1f} us/layer, {gbs / 1e9:.0f} GB/s | {gbs / bw:.1%} of copy {bw / 1e9:.0f} GB/s | "
+            f"table {table}: {timings[table] * 1e3:.1f} us |"]
 
 
 def bench_ms(fn) -> float:
@@ -195,6 +236,8 @@ def main() -> None:
     ap.add_argument("--offline-requests", type=int, default=256)
     ap.add_argument("--hf-requests", type=int, default=8)
     ap.add_argument("--skip-offline", action="store_true")
+    ap.add_argument("--decode-only", action="store_true", help="batch-1 rows only (no 256/16384-token sweeps)")
+    ap.add_argument("--breakdown", action="store_true", help="profile the batch-1 graph's kernels")
     args = ap.parse_args()
     print(f"command: python {' '.join(shlex.quote(a) for a in sys.argv)}")
     print(f"device={torch.cuda.get_device_name()} torch={torch.__version__} transformers={transformers.__version__}")
@@ -214,7 +257,14 @@ def main() -> None:
                   flush=True)
             rows.append(decode_row(shape, engine, hf_cfg, bw))
             print(rows[-1], flush=True)
-            rows += kernel_rows(shape, engine.runner.model.layers[0].moe, bw, mm)
+            if args.breakdown:
+                replay_ms, kernels = graph_replay_breakdown(engine)
+                print(f"  {shape} batch-1 graph replay {replay_ms:.2f} ms; kernels per step (launches, us):")
+                for name, count, us in kernels[:14]:
+                    print(f"    {us:8.1f} us  x{count:<4d} {name}")
+            rows += decode_kernel_rows(shape, engine.runner.model, bw)
+            if not args.decode_only:
+                rows += kernel_rows(shape, engine.runner.model.layers[0].moe, bw, mm)
             print("\n".join(rows[-3:]), flush=True)
         except Exception:
             traceback.print_exc()

@@ -194,6 +194,19 @@ def _config(entries: int, experts: int) -> tuple[int, int, int, int, int]:
     raise AssertionError("unreachable")
 
 
+# the table's tiles are sized for 2-byte weights; a float32 model's tiles take twice the shared
+# memory, which Hopper's 227 KiB per block cannot always hold at the table's pipeline depth
+_SHARED_MEMORY = 200 * 1024
+
+
+def _fit_stages(block_m: int, block_n: int, block_k: int, stages: int, element_size: int) -> int:
+    # the gated GEMM buffers an A tile and two weight tiles in each of stages - 1 pipeline slots
+    per_stage = (block_m * block_k + 2 * block_k * block_n) * element_size
+    while stages > 2 and (stages - 1) * per_stage > _SHARED_MEMORY:
+        stages -= 1
+    return stages
+
+
 def workspace_bytes(tokens: int, top_k: int, experts: int, hidden: int, inter: int, dtype: torch.dtype) -> int:
     """Bytes the launcher allocates for one call on `tokens` tokens (besides its output), which
     exist only during the call: the KV pool's sizing sets them aside."""
@@ -224,6 +237,7 @@ def fused_moe(x: torch.Tensor, router_logits: torch.Tensor, w_gate_up: torch.Ten
     dev = x.device
     entries = t * top_k
     block_m, block_n, block_k, warps, stages = block_config or _config(entries, e)
+    stages = _fit_stages(block_m, block_n, block_k, stages, x.element_size())
     num_blocks = cdiv(entries, block_m) + min(e, entries)
     weights = torch.empty(t, top_k, dtype=torch.float32, device=dev)
     ids = torch.empty(t, top_k, dtype=torch.int32, device=dev)

@@ -45,3 +45,15 @@ def test_every_block_config_matches_reference(block_config):
     x, logits, w1, w2 = _inputs(33, 64, 72, 8, torch.float32, 7, only_experts=5)
     out = fused_moe(x, logits, w1, w2, 2, False, block_config=block_config)
     assert_close(out, fused_moe_ref(x, logits, w1, w2, 2, False), torch.float32)
+
+
+@pytest.mark.parametrize("element_size", [2, 4])
+def test_every_config_fits_hoppers_shared_memory(element_size):
+    """A float32 model's tiles take twice the shared memory: the pipeline gets shallower instead
+    of the launch failing (Hopper holds 227 KiB a block)."""
+    from lightllm_plugin.kernels.fused_moe import _fit_stages
+
+    for _, bm, bn, bk, _, stages in _CONFIGS:
+        fitted = _fit_stages(bm, bn, bk, stages, element_size)
+        assert 2 <= fitted <= stages
+        assert (fitted - 1) * (bm * bk + 2 * bk * bn) * element_size <= 227 * 1024
