@@ -79,3 +79,12 @@ def test_the_pool_is_sized_beside_the_experts_workspace(tiny_qwen2_moe):
     assert moe_workspace_bytes(dataclasses.replace(cfg, sparse_layers=()), tokens, torch.bfloat16) == 0
     cpu = torch.device("cpu")
     assert profiled_slot_count(cpu, 1.0, 1024, 10**9, reserve_bytes=2 * free_memory_bytes(cpu)) == 1
+
+
+def test_int8_kv_gives_the_float_kv_greedy_tokens(tiny_qwen2_moe):
+    """The MoE block never touches the KV pool: an int8 pool serves the model unchanged (on this
+    model with decisive routing its greedy tokens are float32's)."""
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 1001, (n,), generator=g).tolist() for n in (5, 40, 90)]
+    full = _greedy_tokens(tiny_qwen2_moe, 1, prompts, 12)
+    assert _greedy_tokens(tiny_qwen2_moe, 1, prompts, 12, kv_cache_dtype="int8") == full
