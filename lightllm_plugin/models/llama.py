@@ -2,8 +2,9 @@
 the mixture-of-experts Mixtral, Qwen2-MoE, Qwen3-MoE).
 
 Differences between the members are flags in ModelConfig (qkv/o bias, q/k norm,
-tied embeddings, rope scaling, which layers' MLP is experts: models/moe.py), not subclasses. Attention reads and writes K/V
-through the token-slot pool; the model never keeps a cache of its own.
+tied embeddings, rope scaling, which layers' MLP is experts: models/moe.py), not
+subclasses. Attention reads and writes K/V through the token-slot pool; the model
+never keeps a cache of its own.
 Projections are fused (qkv, gate_up) so each layer runs four matmuls.
 """
 
