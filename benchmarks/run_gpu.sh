@@ -3,7 +3,7 @@
 # int8 KV benchmarks, each under its own time limit so one failure does not cost the others.
 # Logs go to $OUT (or ./gpu_logs); the tables are printed again at the end.
 # Usage: benchmarks/run_gpu.sh [tests] [default] [latency] [llama] [qwen] [serving] [int8]
-#        [prefix] [chunks] [chat] [before_after]   (default: all)
+#        [prefix] [chunks] [chat] [before_after] [moe]   (default: all)
 # before_after times the offline throughput of the tree in $OLD_TREE (installed in $OLD_SITE)
 # against this one: a workload without sharing, where the prefix cache may only cost.
 # `default` needs the default model's GGUF in $LIGHTLLM_PLUGIN_CACHE (the GPU machine has no network).
@@ -11,7 +11,7 @@ set -u
 OUT=${OUT:-gpu_logs}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-parts=${*:-tests default latency llama qwen serving int8 prefix chunks chat before_after}
+parts=${*:-tests default latency llama qwen serving int8 prefix chunks chat before_after moe}
 run() {  # name, seconds, command...
     local name=$1 limit=$2
     shift 2
@@ -36,6 +36,7 @@ for part in $parts; do
         before_after)
             run before 200 env PYTHONPATH="$OLD_SITE" python "$OLD_TREE/benchmarks/offline_throughput.py" --shape llama3-8b --skip-hf
             run after 200 python benchmarks/offline_throughput.py --shape llama3-8b --skip-hf ;;
+        moe) run moe 400 python benchmarks/moe.py --shapes qwen3-30b-a3b,mixtral-8x7b --offline-layers 8 --hf-requests 8 ;;
         serving) run serving 330 python benchmarks/serving.py --shape qwen3-0.6b --num-requests 256 --rates 8,24,48,inf --repeats 2 --out-json "$OUT/serving_results.json" ;;
     esac
 done

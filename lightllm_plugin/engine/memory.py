@@ -96,8 +96,10 @@ def free_memory_bytes(device: torch.device) -> int:
     return psutil.virtual_memory().available
 
 
-def profiled_slot_count(device: torch.device, mem_fraction: float, bytes_per_token: int, cap: int) -> int:
-    """Slots that fit in mem_fraction of the memory left free after the warm-up forward.
+def profiled_slot_count(device: torch.device, mem_fraction: float, bytes_per_token: int, cap: int,
+                        reserve_bytes: int = 0) -> int:
+    """Slots that fit in mem_fraction of the memory left free after the warm-up forward, less
+    `reserve_bytes` that a forward allocates and frees again (a MoE kernel's workspace).
 
     On CUDA the warm-up's activations were freed back to torch's cache, so free memory is
     what the pool may take. `cap` bounds the pool where a larger one could never be used
@@ -106,5 +108,5 @@ def profiled_slot_count(device: torch.device, mem_fraction: float, bytes_per_tok
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
-    slots = int(free_memory_bytes(device) * mem_fraction) // bytes_per_token
+    slots = int(max(0, free_memory_bytes(device) - reserve_bytes) * mem_fraction) // bytes_per_token
     return max(1, min(slots, cap))

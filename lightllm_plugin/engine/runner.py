@@ -35,6 +35,7 @@ from lightllm_plugin.models.loader import (
     load_model,
     registered_models,
 )
+from lightllm_plugin.models.moe import moe_workspace_bytes
 from lightllm_plugin.models.tensor_parallel import TPGroup
 
 logger = logging.getLogger(__name__)
@@ -183,7 +184,11 @@ class ModelRunner:
                 cap = self.config.running_max_req_size * self.config.max_req_total_len
             else:
                 cap = _CPU_POOL_REQUESTS * self.config.max_req_total_len
-            slots = profiled_slot_count(self.device, self.config.mem_fraction, per_token, cap)
+            # the experts' scratch is freed after the warm-up like every activation, but it is k
+            # times a dense MLP's and must still fit beside a full pool (mem_fraction may be 1)
+            reserve = moe_workspace_bytes(cfg, min(warmup_tokens, self.config.max_req_total_len),
+                                          self.model.embed_tokens.weight.dtype)
+            slots = profiled_slot_count(self.device, self.config.mem_fraction, per_token, cap, reserve)
         if self.tp_group is not None:
             # every rank must hold every slot the router hands out: the smallest pool wins
             slots = self.tp_group.min_int(slots)

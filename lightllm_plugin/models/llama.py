@@ -1,8 +1,10 @@
-"""One implementation of the Llama family (Llama 2/3/3.1, Mistral, SmolLM, Qwen2/2.5, Qwen3).
+"""One implementation of the Llama family (Llama 2/3/3.1, Mistral, SmolLM, Qwen2/2.5, Qwen3, and
+the mixture-of-experts Mixtral, Qwen2-MoE, Qwen3-MoE).
 
 Differences between the members are flags in ModelConfig (qkv/o bias, q/k norm,
-tied embeddings, rope scaling), not subclasses. Attention reads and writes K/V
-through the token-slot pool; the model never keeps a cache of its own.
+tied embeddings, rope scaling, which layers' MLP is experts: models/moe.py), not
+subclasses. Attention reads and writes K/V through the token-slot pool; the model
+never keeps a cache of its own.
 Projections are fused (qkv, gate_up) so each layer runs four matmuls.
 """
 
@@ -21,6 +23,7 @@ from lightllm_plugin.kernels.silu_and_mul import silu_and_mul
 from lightllm_plugin.kernels.token_attention import token_attention
 from lightllm_plugin.models.kv_cache import AttentionMetadata, QuantizedKVCache
 from lightllm_plugin.models.model_config import ModelConfig
+from lightllm_plugin.models.moe import SparseMoE
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -56,15 +59,17 @@ class Projection(nn.Linear):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, index: int = 0):
         super().__init__()
         self.cfg = cfg
         q_size = cfg.num_heads * cfg.head_dim
         kv_size = cfg.num_kv_heads * cfg.head_dim
         self.qkv_proj = Projection(cfg.hidden_size, q_size + 2 * kv_size, bias=cfg.qkv_bias, dtype=dtype)
         self.o_proj = Projection(q_size, cfg.hidden_size, bias=cfg.o_bias, dtype=dtype)
-        self.gate_up_proj = Projection(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False, dtype=dtype)
-        self.down_proj = Projection(cfg.intermediate_size, cfg.hidden_size, bias=False, dtype=dtype)
+        self.moe = SparseMoE(cfg, dtype) if index in cfg.sparse_layers else None
+        if self.moe is None:
+            self.gate_up_proj = Projection(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False, dtype=dtype)
+            self.down_proj = Projection(cfg.intermediate_size, cfg.hidden_size, bias=False, dtype=dtype)
         self.input_layernorm = nn.Parameter(torch.empty(cfg.hidden_size, dtype=dtype), requires_grad=False)
         self.post_attention_layernorm = nn.Parameter(torch.empty(cfg.hidden_size, dtype=dtype), requires_grad=False)
         if cfg.qk_norm:
@@ -106,6 +111,8 @@ class DecoderLayer(nn.Module):
         )
         hidden = self.o_proj(attn.reshape(-1, q_size))
         x, residual = rmsnorm(hidden, self.post_attention_layernorm, eps, residual)
+        if self.moe is not None:
+            return self.moe(x), residual
         hidden = self.down_proj(silu_and_mul(self.gate_up_proj(x)))
         return hidden, residual
 
@@ -115,7 +122,7 @@ class LlamaFamilyModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, dtype) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, dtype, i) for i in range(cfg.num_layers))
         self.norm = nn.Parameter(torch.empty(cfg.hidden_size, dtype=dtype), requires_grad=False)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype)
         self.cos_cache: torch.Tensor | None = None

@@ -42,7 +42,14 @@ _FUSED = {
     "self_attn.v_proj": ("qkv_proj", 2),
     "mlp.gate_proj": ("gate_up_proj", 0),
     "mlp.up_proj": ("gate_up_proj", 1),
+    "mlp.shared_expert.gate_proj": ("moe.shared_gate_up", 0),
+    "mlp.shared_expert.up_proj": ("moe.shared_gate_up", 1),
 }
+# mixture-of-experts checkpoints: one tensor per expert and projection, stacked into the layer's
+# [E, 2I, H] gate_up and [E, H, I] down as they arrive (Mixtral names gate w1, up w3, down w2)
+_EXPERT_RE = re.compile(r"^(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight$")
+_EXPERT_PIECE = {"gate_proj": ("w_gate_up", 0), "w1": ("w_gate_up", 0), "up_proj": ("w_gate_up", 1),
+                 "w3": ("w_gate_up", 1), "down_proj": ("w_down", None), "w2": ("w_down", None)}
 _RENAMED = {
     "self_attn.o_proj.weight": "o_proj.weight",
     "self_attn.o_proj.bias": "o_proj.bias",
@@ -51,6 +58,15 @@ _RENAMED = {
     "post_attention_layernorm.weight": "post_attention_layernorm",
     "self_attn.q_norm.weight": "q_norm",
     "self_attn.k_norm.weight": "k_norm",
+    "mlp.gate.weight": "moe.router.weight",
+    "block_sparse_moe.gate.weight": "moe.router.weight",
+    # transformers 5 holds the experts stacked already (a state_dict handed over in memory)
+    "mlp.experts.gate_up_proj": "moe.w_gate_up",
+    "mlp.experts.down_proj": "moe.w_down",
+    "block_sparse_moe.experts.gate_up_proj": "moe.w_gate_up",
+    "block_sparse_moe.experts.down_proj": "moe.w_down",
+    "mlp.shared_expert.down_proj.weight": "moe.shared_down.weight",
+    "mlp.shared_expert_gate.weight": "moe.shared_expert_gate.weight",
 }
 
 
@@ -145,7 +161,9 @@ def load_weights(
 ) -> None:
     cfg = model.cfg
     pending: dict[tuple[int, str, str], dict[int, torch.Tensor]] = {}
-    pieces_needed = {"qkv_proj": 3, "gate_up_proj": 2}
+    pieces_needed = {"qkv_proj": 3, "gate_up_proj": 2, "moe.shared_gate_up": 2}
+    # (layer, stacked name) -> (the stacked tensor being filled, pieces still to come)
+    stacking: dict[tuple[int, str], list] = {}
     for name, tensor in tqdm(tensors, total=total, desc="Loading weights", unit="tensor", disable=not progress):
         tensor = tensor.to(device)
         if name in ("model.embed_tokens.weight", "lm_head.weight"):
@@ -168,17 +186,44 @@ def load_weights(
             if len(pending[key]) == pieces_needed[fused]:
                 parts = pending.pop(key)
                 _assign(model, f"layers.{layer}.{fused}.{kind}", torch.cat([parts[i] for i in sorted(parts)]))
+        elif (expert := _EXPERT_RE.match(rest)) is not None:
+            _stack_expert(model, stacking, layer, int(expert.group(1)), expert.group(2), tensor)
         elif rest in _RENAMED:
             _assign(model, f"layers.{layer}.{_RENAMED[rest]}", tensor)
         else:
             raise ValueError(f"unexpected weight {name!r} in checkpoint")
-    if pending:
-        raise ValueError(f"checkpoint is missing parts of fused weights: {sorted(pending)[:4]}")
+    if pending or stacking:
+        raise ValueError(f"checkpoint is missing parts of fused weights: {(sorted(pending) + sorted(stacking))[:4]}")
     if cfg.tie_word_embeddings or model.lm_head.weight.is_meta:
         model.lm_head.weight = model.embed_tokens.weight
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
         raise ValueError(f"checkpoint is missing weights: {missing[:6]}{' ...' if len(missing) > 6 else ''}")
+
+
+def _stack_expert(model: LlamaFamilyModel, stacking: dict, layer: int, expert: int, projection: str,
+                  tensor: torch.Tensor) -> None:
+    """Copy one expert's projection into its layer's stacked tensor, which becomes the parameter
+    once every expert's piece is in: the stacked tensor is the only copy that outlives the piece."""
+    target, half = _EXPERT_PIECE[projection]
+    moe = model.layers[layer].moe
+    if moe is None:
+        raise ValueError(f"layer {layer} holds experts in the checkpoint but is dense in the config")
+    key = (layer, target)
+    if key not in stacking:
+        shape = getattr(moe, target).shape
+        pieces = shape[0] * (2 if half is not None else 1)
+        stacking[key] = [torch.empty(shape, dtype=tensor.dtype, device=tensor.device), pieces]
+    stacked = stacking[key][0]
+    rows = stacked.shape[1] // 2 if half is not None else stacked.shape[1]
+    destination = stacked[expert, half * rows : (half + 1) * rows] if half is not None else stacked[expert]
+    if tuple(destination.shape) != tuple(tensor.shape):
+        raise ValueError(f"layer {layer} expert {expert} {projection}: checkpoint shape {tuple(tensor.shape)} "
+                         f"!= model {tuple(destination.shape)}")
+    destination.copy_(tensor)
+    stacking[key][1] -= 1
+    if not stacking[key][1]:
+        _assign(model, f"layers.{layer}.moe.{target}", stacking.pop(key)[0])
 
 
 def build_model(

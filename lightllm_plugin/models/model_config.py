@@ -11,6 +11,9 @@ SUPPORTED_ARCHITECTURES = (
     "MistralForCausalLM",
     "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
+    "MixtralForCausalLM",
+    "Qwen2MoeForCausalLM",
+    "Qwen3MoeForCausalLM",
 )
 _SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -37,6 +40,13 @@ class ModelConfig:
     sliding_window: int | None = None  # attention span when the model limits it
     eos_token_ids: list[int] = field(default_factory=list)
     bos_token_id: int | None = None
+    # mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE); a dense model has no sparse layers
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0  # each expert's MLP width
+    norm_topk_prob: bool = False  # renormalize the chosen experts' weights to sum to 1
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE's always-on expert behind a sigmoid gate
+    sparse_layers: tuple[int, ...] = ()  # layers whose MLP is the experts; the others are dense
 
     @classmethod
     def from_hf_dict(cls, cfg: dict[str, Any], architectures: Iterable[str] | None = None) -> "ModelConfig":
@@ -59,7 +69,7 @@ class ModelConfig:
         heads = cfg["num_attention_heads"]
         rope_theta, rope_scaling = _rope_settings(cfg)
         attention_bias = bool(cfg.get("attention_bias", False))
-        is_qwen2 = arch == "Qwen2ForCausalLM"
+        is_qwen2 = arch in ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM")
         eos = cfg.get("eos_token_id")
         return cls(
             architecture=arch,
@@ -75,16 +85,35 @@ class ModelConfig:
             max_position_embeddings=cfg.get("max_position_embeddings", 4096),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             # Qwen2 always has q/k/v bias and never o_proj bias; the others follow attention_bias
-            qkv_bias=attention_bias or is_qwen2,
+            qkv_bias=attention_bias or (is_qwen2 and cfg.get("qkv_bias", True)),
             o_bias=attention_bias and not is_qwen2,
-            qk_norm=arch == "Qwen3ForCausalLM",
+            qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
             rope_scaling=rope_scaling,
             rope_freq_factors=cfg.get("rope_freq_factors"),
             # Mistral configs name a window that is in force; Qwen2/3 name one and switch it off
-            sliding_window=cfg.get("sliding_window") if cfg.get("use_sliding_window", arch == "MistralForCausalLM") else None,
+            sliding_window=cfg.get("sliding_window") if cfg.get("use_sliding_window", arch in ("MistralForCausalLM", "MixtralForCausalLM")) else None,
             eos_token_ids=_as_id_list(eos),
             bos_token_id=cfg.get("bos_token_id"),
+            **_moe_settings(cfg, arch),
         )
+
+
+def _moe_settings(cfg: dict[str, Any], arch: str) -> dict[str, Any]:
+    """The expert fields of a MoE config, as each family names them."""
+    if arch == "MixtralForCausalLM":  # every layer sparse, top-k always renormalized
+        return dict(num_experts=cfg["num_local_experts"], num_experts_per_tok=cfg["num_experts_per_tok"],
+                    moe_intermediate_size=cfg["intermediate_size"], norm_topk_prob=True,
+                    sparse_layers=tuple(range(cfg["num_hidden_layers"])))
+    if arch not in ("Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"):
+        return {}
+    experts = cfg.get("num_experts", cfg.get("num_local_experts", 0))
+    step = cfg.get("decoder_sparse_step", 1)
+    dense = set(cfg.get("mlp_only_layers") or ())
+    sparse = tuple(i for i in range(cfg["num_hidden_layers"]) if i not in dense and experts > 0 and (i + 1) % step == 0)
+    return dict(num_experts=experts, num_experts_per_tok=cfg["num_experts_per_tok"],
+                moe_intermediate_size=cfg["moe_intermediate_size"], norm_topk_prob=bool(cfg.get("norm_topk_prob")),
+                shared_expert_intermediate_size=cfg.get("shared_expert_intermediate_size", 0) or 0,
+                sparse_layers=sparse)
 
 
 def _as_id_list(value: Any) -> list[int]:

@@ -8,7 +8,10 @@ streams past (`shard_tensors`), and swaps four kinds of module on the still-empt
 - q/k/v and gate/up are column-parallel: each rank computes its heads and columns, no talk;
 - o_proj and down_proj are row-parallel: partial sums, added up by an all-reduce;
 - the embedding and lm_head are vocab-parallel: each rank holds a contiguous block of rows
-  (padded so the blocks are equal), the embedding all-reduces, the head all-gathers.
+  (padded so the blocks are equal), the embedding all-reduces, the head all-gathers;
+- a mixture-of-experts block is split as the dense MLP is: every rank holds every expert's share
+  of its columns (and the shared expert's), routes all tokens itself with the whole router, and
+  one all-reduce adds the partial sums of the routed and shared experts.
 KV heads are split with their query heads; with fewer KV heads than ranks each KV head is
 replicated on the ranks that share its query heads. Splits need not be even (the default
 model has 3 KV heads and runs on 2 ranks as 2 + 1).
@@ -30,6 +33,7 @@ from torch import nn
 
 from lightllm_plugin.kernels.one_row_linear import one_row_linear
 from lightllm_plugin.models.model_config import ModelConfig
+from lightllm_plugin.models.moe import SparseMoE
 
 # a rank waits this long in a collective before giving up; the ranks of a healthy server
 # only wait on each other within one forward, and a dead peer is noticed by the launcher
@@ -47,6 +51,8 @@ class TPShard:
     intermediate: tuple[int, int]
     vocab: tuple[int, int]
     vocab_block: int  # rows every rank's embedding/lm_head block has (the last one padded)
+    moe_intermediate: tuple[int, int] = (0, 0)  # each expert's columns
+    shared_intermediate: tuple[int, int] = (0, 0)  # the shared expert's columns
 
 
 def _even_split(n: int, parts: int, index: int) -> tuple[int, int]:
@@ -77,10 +83,15 @@ def plan_shard(cfg: ModelConfig, rank: int, world: int) -> TPShard:
         q_heads = (first, first + per_rank)
     if cfg.intermediate_size < world:
         raise ValueError(f"tp={world} exceeds the model's MLP width {cfg.intermediate_size}")
+    if cfg.num_experts and cfg.moe_intermediate_size < world:
+        raise ValueError(f"tp={world} exceeds the experts' MLP width {cfg.moe_intermediate_size}")
+    if cfg.shared_expert_intermediate_size and cfg.shared_expert_intermediate_size < world:
+        raise ValueError(f"tp={world} exceeds the shared expert's MLP width {cfg.shared_expert_intermediate_size}")
     block = math.ceil(cfg.vocab_size / world)
     vocab = (min(rank * block, cfg.vocab_size), min((rank + 1) * block, cfg.vocab_size))
     return TPShard(rank, world, q_heads, (kv_start, kv_stop), _even_split(cfg.intermediate_size, world, rank),
-                   vocab, block)
+                   vocab, block, _even_split(cfg.moe_intermediate_size, world, rank),
+                   _even_split(cfg.shared_expert_intermediate_size, world, rank))
 
 
 def shard_model_config(cfg: ModelConfig, shard: TPShard) -> ModelConfig:
@@ -91,10 +102,17 @@ def shard_model_config(cfg: ModelConfig, shard: TPShard) -> ModelConfig:
         num_heads=shard.q_heads[1] - shard.q_heads[0],
         num_kv_heads=shard.kv_heads[1] - shard.kv_heads[0],
         intermediate_size=shard.intermediate[1] - shard.intermediate[0],
+        moe_intermediate_size=shard.moe_intermediate[1] - shard.moe_intermediate[0],
+        shared_expert_intermediate_size=shard.shared_intermediate[1] - shard.shared_intermediate[0],
     )
 
 
 _LAYER_TENSOR = re.compile(r"^model\.layers\.\d+\.(self_attn|mlp)\.(\w+)\.(weight|bias)$")
+# one expert's (or the shared expert's) projection; Mixtral names gate w1, up w3, down w2
+_EXPERT_TENSOR = re.compile(
+    r"^model\.layers\.\d+\.(?:mlp|block_sparse_moe)\.(experts\.\d+|shared_expert)\.(\w+)\.weight$")
+# transformers 5's stacked experts ([E, 2I, H] gate rows then up rows; [E, H, I])
+_STACKED_EXPERTS = re.compile(r"^model\.layers\.\d+\.mlp\.experts\.(gate_up_proj|down_proj)$")
 
 
 def shard_tensors(
@@ -108,7 +126,25 @@ def shard_tensors(
     inter = slice(*shard.intermediate)
     rows = {"q_proj": q, "k_proj": kv, "v_proj": kv, "gate_proj": inter, "up_proj": inter}
     cols = {"o_proj": q, "down_proj": inter}
+    moe = slice(*shard.moe_intermediate)
+    shared = slice(*shard.shared_intermediate)
     for name, tensor in tensors:
+        expert = _EXPERT_TENSOR.match(name)
+        if expert is not None:
+            part = shared if expert.group(1) == "shared_expert" else moe
+            if expert.group(2) in ("gate_proj", "up_proj", "w1", "w3"):
+                yield name, tensor[part].clone()
+            else:
+                yield name, tensor[:, part].contiguous()
+            continue
+        stacked = _STACKED_EXPERTS.match(name)
+        if stacked is not None:
+            if stacked.group(1) == "gate_up_proj":
+                half = tensor.shape[1] // 2
+                yield name, torch.cat([tensor[:, moe], tensor[:, half + moe.start : half + moe.stop]], dim=1)
+            else:
+                yield name, tensor[..., moe].contiguous()
+            continue
         if name in ("model.embed_tokens.weight", "lm_head.weight"):
             block = tensor.new_zeros((shard.vocab_block, tensor.shape[1]))
             block[: shard.vocab[1] - shard.vocab[0]] = tensor[slice(*shard.vocab)]
@@ -214,14 +250,30 @@ class VocabParallelHead(nn.Module):
         return self.group.all_gather_last_dim(local)[..., : self.vocab_size]
 
 
+class ParallelSparseMoE(SparseMoE):
+    """The experts' columns this rank holds: the partial sums of the routed and the shared experts,
+    added over the ranks by one all-reduce."""
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, group: TPGroup):
+        super().__init__(cfg, dtype)
+        self.group = group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.group.all_reduce(super().forward(x))
+
+
 def install_parallel_modules(model: nn.Module, full_cfg: ModelConfig, shard: TPShard, group: TPGroup,
                              dtype: torch.dtype) -> None:
     """Swap the modules that must talk to the other ranks, on the model still on `meta`
     (before its weights are loaded)."""
     with torch.device("meta"):
         for layer in model.layers:
+            if getattr(layer, "moe", None) is not None:
+                layer.moe = ParallelSparseMoE(layer.cfg, dtype, group)
             for name in ("o_proj", "down_proj"):
-                old = getattr(layer, name)
+                old = getattr(layer, name, None)
+                if old is None:  # a sparse layer: its experts replace the dense MLP
+                    continue
                 setattr(layer, name, RowParallelProjection(old.in_features, old.out_features, old.bias is not None,
                                                            dtype, group))
         model.embed_tokens = VocabParallelEmbedding(shard, full_cfg.hidden_size, dtype, group)

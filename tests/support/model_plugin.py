@@ -41,9 +41,11 @@ def test_models_plugin(tmp_path_factory) -> str:
     return pip_install_target(PLUGINS_DIR / "test_models_plugin", tmp_path_factory.mktemp("test_models_plugin"))
 
 
-def build_tiny_checkpoint(folder: Path, architecture: str, family: str = "Llama", chat_template: str | None = None) -> str:
-    """A two-layer random model of a transformers `family` ("Llama", "Qwen2") with the default
-    model's tokenizer (and `chat_template`, if given), declared as `architecture`."""
+def build_tiny_checkpoint(folder: Path, architecture: str, family: str = "Llama", chat_template: str | None = None,
+                          **config_fields) -> str:
+    """A two-layer random model of a transformers `family` ("Llama", "Qwen2", "Qwen3Moe") with the
+    default model's tokenizer (and `chat_template`, if given), declared as `architecture`;
+    `config_fields` add to or override the config (a MoE family's experts)."""
     import torch
     import transformers
 
@@ -56,7 +58,7 @@ def build_tiny_checkpoint(folder: Path, architecture: str, family: str = "Llama"
     config = getattr(transformers, f"{family}Config")(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **config_fields,
     )
     torch.manual_seed(0)
     getattr(transformers, f"{family}ForCausalLM")(config).to(torch.float32).save_pretrained(folder)
