@@ -43,6 +43,7 @@ _FUSED = {
     "mlp.gate_proj": ("gate_up_proj", 0),
     "mlp.up_proj": ("gate_up_proj", 1),
 }
+_BARE_PREFIXES = ("embed_tokens.", "layers.", "norm.")
 _RENAMED = {
     "self_attn.o_proj.weight": "o_proj.weight",
     "self_attn.o_proj.bias": "o_proj.bias",
@@ -148,6 +149,13 @@ def load_weights(
     pieces_needed = {"qkv_proj": 3, "gate_up_proj": 2}
     for name, tensor in tqdm(tensors, total=total, desc="Loading weights", unit="tensor", disable=not progress):
         tensor = tensor.to(device)
+        if name.startswith(_BARE_PREFIXES):
+            # a checkpoint saved from the bare decoder (sentence-transformers folders such as
+            # Qwen3-Embedding) names its weights without the causal LM's "model." prefix
+            name = "model." + name
+        if name == "score.weight":  # the classifier head of *ForSequenceClassification
+            _assign(model, name, tensor)
+            continue
         if name in ("model.embed_tokens.weight", "lm_head.weight"):
             _assign(model, name.removeprefix("model."), tensor)
             continue

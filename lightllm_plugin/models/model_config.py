@@ -12,6 +12,9 @@ SUPPORTED_ARCHITECTURES = (
     "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
 )
+# the same families with a `score` head instead of the language-model head (reward models, classifiers)
+SEQUENCE_CLASSIFICATION_ARCHITECTURES = tuple(a.replace("ForCausalLM", "ForSequenceClassification")
+                                              for a in SUPPORTED_ARCHITECTURES)
 _SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -37,6 +40,7 @@ class ModelConfig:
     sliding_window: int | None = None  # attention span when the model limits it
     eos_token_ids: list[int] = field(default_factory=list)
     bos_token_id: int | None = None
+    num_labels: int = 0  # outputs of the score head (*ForSequenceClassification); 0: none
 
     @classmethod
     def from_hf_dict(cls, cfg: dict[str, Any], architectures: Iterable[str] | None = None) -> "ModelConfig":
@@ -45,7 +49,8 @@ class ModelConfig:
         built-in SUPPORTED_ARCHITECTURES); the first of the checkpoint's `architectures`
         among them is the one used. Whatever the name, the fields are read as a Llama-family
         model's."""
-        known = tuple(SUPPORTED_ARCHITECTURES if architectures is None else architectures)
+        default = SUPPORTED_ARCHITECTURES + SEQUENCE_CLASSIFICATION_ARCHITECTURES
+        known = tuple(default if architectures is None else architectures)
         archs = cfg.get("architectures") or []
         arch = next((a for a in archs if a in known), None)
         if arch is None:
@@ -59,7 +64,9 @@ class ModelConfig:
         heads = cfg["num_attention_heads"]
         rope_theta, rope_scaling = _rope_settings(cfg)
         attention_bias = bool(cfg.get("attention_bias", False))
-        is_qwen2 = arch == "Qwen2ForCausalLM"
+        # a classifier is its family's causal LM with another head: the same flags
+        family = arch.replace("ForSequenceClassification", "ForCausalLM")
+        is_qwen2 = family == "Qwen2ForCausalLM"
         eos = cfg.get("eos_token_id")
         return cls(
             architecture=arch,
@@ -77,14 +84,20 @@ class ModelConfig:
             # Qwen2 always has q/k/v bias and never o_proj bias; the others follow attention_bias
             qkv_bias=attention_bias or is_qwen2,
             o_bias=attention_bias and not is_qwen2,
-            qk_norm=arch == "Qwen3ForCausalLM",
+            qk_norm=family == "Qwen3ForCausalLM",
             rope_scaling=rope_scaling,
             rope_freq_factors=cfg.get("rope_freq_factors"),
             # Mistral configs name a window that is in force; Qwen2/3 name one and switch it off
-            sliding_window=cfg.get("sliding_window") if cfg.get("use_sliding_window", arch == "MistralForCausalLM") else None,
+            sliding_window=cfg.get("sliding_window") if cfg.get("use_sliding_window", family == "MistralForCausalLM") else None,
             eos_token_ids=_as_id_list(eos),
             bos_token_id=cfg.get("bos_token_id"),
+            num_labels=_num_labels(cfg) if arch.endswith("ForSequenceClassification") else 0,
         )
+
+
+def _num_labels(cfg: dict[str, Any]) -> int:
+    id2label = cfg.get("id2label")
+    return len(id2label) if id2label else int(cfg.get("num_labels", 2))
 
 
 def _as_id_list(value: Any) -> list[int]:
