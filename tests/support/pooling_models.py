@@ -8,6 +8,7 @@ default model's tokenizer, so servers can take text.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -27,6 +28,14 @@ KINDS = {
 }
 
 
+@functools.lru_cache(maxsize=1)
+def default_tokenizer():
+    """The default model's tokenizer, read from its GGUF file once per test process."""
+    from lightllm_plugin.models.tokenizer import load_tokenizer
+
+    return load_tokenizer(None)
+
+
 def build_pooling_folder(folder: Path, kind: str, vocab_size: int | None = None, matryoshka: list[int] | None = None) -> str:
     """`kind`'s folder at `folder`. vocab_size None: the default model's tokenizer is saved with
     it (and sets the vocabulary); else no tokenizer (token-id inputs only)."""
@@ -34,9 +43,7 @@ def build_pooling_folder(folder: Path, kind: str, vocab_size: int | None = None,
     folder = Path(folder)
     tokenizer = None
     if vocab_size is None:
-        from lightllm_plugin.models.tokenizer import load_tokenizer
-
-        tokenizer = load_tokenizer(None)
+        tokenizer = default_tokenizer()
         tokenizer.save_pretrained(folder)
         vocab_size = len(tokenizer)
     extra = {"head_dim": 24} if family == "Qwen3" else {}
