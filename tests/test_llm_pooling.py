@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 import transformers
+from support.pooling_models import HFReference, build_pooling_folder, rel_err
 
 from lightllm_plugin import LLM
-from tests.support.pooling_models import HFReference, build_pooling_folder, rel_err
 
 TEXTS = ["The capital of France is Paris.", "Cats sleep most of the day.", "A", "Rain is expected tomorrow " * 6]
 KW = dict(max_total_token_num=2048, max_req_total_len=512, max_req_input_len=400, batch_max_tokens=48, progress=False)

@@ -1,7 +1,7 @@
 """The pooling routes against real servers of tiny random models, checked with transformers.
 
 One server serves an embedding folder (last-token pooling, Matryoshka dimensions 16 and 32),
-one a reward model (Llama with a one-label score head). The real `openai` SDK's
+one a reward model (Llama with a one-label score head): support.pooling_models' session servers. The real `openai` SDK's
 `embeddings.create` (float and base64), LightLLM's /get_score, vLLM's /pooling, /classify,
 /score and /v1/rerank; bad input is a 4xx naming the field; a route of the other kind of model
 is a 400 saying what the served model does; afterwards every KV slot is free.
@@ -16,43 +16,23 @@ import httpx
 import openai
 import pytest
 import torch
+from support.live_server import metric, slots_drain
+from support.pooling_models import HFReference, rel_err
 
-from tests.support.live_server import ServerProcess, check_clean_stop, metric, slots_drain
-from tests.support.pooling_models import HFReference, build_pooling_folder, rel_err
+pytestmark = pytest.mark.slow  # the session's two pooling servers take ~15 s to start
 
-FLAGS = ["--batch_max_tokens", "64", "--max_batch_embeddings", "16"]
 TEXTS = ["The capital of France is Paris.", "Cats sleep most of the day.", "A", "Rain is expected tomorrow " * 12,
          "Photosynthesis turns light into chemical energy.", "Paris is in France."]
 
 
 @pytest.fixture(scope="module")
-def servers(tmp_path_factory):
-    """The embedding server and the reward server, started side by side."""
-    started = {}
-    for kind, matryoshka in (("qwen3_embed_last", [16, 32]), ("llama_reward", None)):
-        folder = build_pooling_folder(tmp_path_factory.mktemp(kind), kind, matryoshka=matryoshka)
-        started[kind] = ServerProcess("--model_dir", folder, *FLAGS)
-        started[kind].folder = folder
-    try:
-        for server in started.values():
-            server.wait_ready()
-        yield started
-    finally:
-        for server in started.values():
-            if server.proc.poll() is None:
-                check_clean_stop(server)
-            else:
-                server.reap()
+def embed_server(pooling_servers):
+    return pooling_servers["embed"]
 
 
 @pytest.fixture(scope="module")
-def embed_server(servers):
-    return servers["qwen3_embed_last"]
-
-
-@pytest.fixture(scope="module")
-def reward_server(servers):
-    return servers["llama_reward"]
+def reward_server(pooling_servers):
+    return pooling_servers["reward"]
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,11 @@ must add up), repeated prompts read from the prefix cache; afterwards every KV s
 
 import pytest
 import torch
+from support.pooling_models import KINDS, HFReference, build_pooling_folder, rel_err
 
 from lightllm_plugin.config import EngineConfig
 from lightllm_plugin.engine.core import EngineCore
 from lightllm_plugin.sampling_params import SamplingParams
-from tests.support.pooling_models import KINDS, HFReference, build_pooling_folder, rel_err
 
 VOCAB = 384
 TOL = 1e-4

@@ -4,6 +4,11 @@ Each kind is one of the supported families with a score head (`*ForSequenceClass
 one label is a reward model, more a classifier) or an embedding model (a decoder with a
 sentence-transformers `modules.json` naming last-token or mean pooling). The folders carry the
 default model's tokenizer, so servers can take text.
+
+A pytest plugin (tests/conftest.py lists it): `pooling_servers` is ONE embedding server (last-token
+pooling, Matryoshka dimensions 16 and 32) and ONE reward server, started side by side the first
+time a test asks and shared by the session (the pooling routes' and the LangChain/LazyLLM
+embeddings' tests). Tests on them leave them as they found them.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import functools
 import json
 from pathlib import Path
 
+import pytest
 import torch
 import transformers
 
@@ -104,3 +110,28 @@ class HFReference:
 def rel_err(ours, ref: torch.Tensor) -> float:
     ours = torch.as_tensor(ours, dtype=torch.float32)
     return ((ours - ref).norm() / ref.norm()).item()
+
+
+SERVER_FLAGS = ["--batch_max_tokens", "64", "--max_batch_embeddings", "16"]
+
+
+@pytest.fixture(scope="session")
+def pooling_servers(tmp_path_factory):
+    """{"embed": server, "reward": server}, each with `.folder`; SIGTERM must stop each cleanly."""
+    from support.live_server import ServerProcess, check_clean_stop
+
+    started = {}
+    try:
+        for name, kind, matryoshka in (("embed", "qwen3_embed_last", [16, 32]), ("reward", "llama_reward", None)):
+            folder = build_pooling_folder(tmp_path_factory.mktemp(kind), kind, matryoshka=matryoshka)
+            started[name] = ServerProcess("--model_dir", folder, *SERVER_FLAGS)
+            started[name].folder = folder
+        for server in started.values():
+            server.wait_ready()
+        yield started
+    finally:
+        for server in started.values():
+            if server.proc.poll() is None:
+                check_clean_stop(server)
+            else:
+                server.reap()
