@@ -183,7 +183,7 @@ class LLM:
             raise ValueError(f"{len(params_list)} sampling params for {len(id_lists)} prompts")
         engine = self.engine
         if engine.pooler is not None:
-            raise ValueError(f"this model is served with task {engine.pooler.task}: it does not generate; use "
+            raise ValueError(f"this model is {engine.pooler.described()}: it does not generate; use "
                              f"LLM.{'embed' if engine.pooler.head == 'embed' else 'classify'} (or reward, score)")
         # check everything first so a bad prompt leaves nothing queued
         for ids, params in zip(id_lists, params_list):

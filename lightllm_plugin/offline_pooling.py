@@ -62,7 +62,7 @@ def _need(pooler: PoolerInfo | None, call: str, head: str | None) -> PoolerInfo:
                          f"LLM(model, task='embed') pools a causal LM's last hidden state")
     if head is not None and pooler.head != head:
         raise ValueError(f"LLM.{call} needs a {'score head' if head == 'classify' else 'embedding model'}; this model "
-                         f"is served with task {pooler.task} (its routes: {served_routes(pooler)})")
+                         f"is {pooler.described()} (its routes: {served_routes(pooler)})")
     return pooler
 
 

@@ -31,6 +31,12 @@ class PoolerInfo(msgspec.Struct, kw_only=True, frozen=True):
     is_matryoshka: bool = False  # any truncation is allowed
     labels: list[str] = []  # class names, index order (classify head)
 
+    def described(self) -> str:
+        """What the served model is, for messages: "a reward model (--task reward)"."""
+        what = {"reward": "a reward model", "embed": "an embedding model", "classify": "a classifier",
+                "score": "a scoring model"}[self.task]
+        return f"{what} (--task {self.task})"
+
     def routes(self) -> str:
         return EMBEDDING_ROUTES if self.head == "embed" else CLASSIFIER_ROUTES
 

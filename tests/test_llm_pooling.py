@@ -32,7 +32,7 @@ def test_reward_and_classify(folders):
     for out, second in zip(scores, TEXTS[1:]):
         pair = llm.tokenizer(TEXTS[0], text_pair=second)["input_ids"]
         assert math.isclose(out.outputs.score, torch.sigmoid(ref(pair))[0].item(), rel_tol=1e-4)
-    with pytest.raises(ValueError, match="task reward"):
+    with pytest.raises(ValueError, match="--task reward"):
         llm.generate("hello")
     with pytest.raises(ValueError, match="embedding model"):
         llm.embed("hello")

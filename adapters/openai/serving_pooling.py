@@ -10,8 +10,9 @@
 
 An embedding model scores by the cosine of two embeddings, a score head of one label by the
 sigmoid of its logit for the two texts encoded as a pair (a cross-encoder). Every input of a
-request becomes one engine request, all sent at once so the engine batches them. Errors are
-OpenAI's {"error": {...}} object naming the field (`param`).
+request becomes one engine request, all sent at once so the engine batches them. Errors under
+/v1 are OpenAI's {"error": {...}} object naming the field (`param`), elsewhere the server's
+{"error": message}, as on every other route.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from lightllm_plugin.pooling_params import (
     truncate_embedding,
 )
 from lightllm_plugin.server.engine_client import RequestRejected
+from lightllm_plugin.server.http_util import error_response, json_body_openapi, nullable
 
 from .protocol import ApiError
 from .serving import OpenAIServer
@@ -132,8 +134,8 @@ class PoolingRoutes:
             return None
         if head is not None and pooler.head != head:
             what = "an embedding model" if head == "embed" else "a model with a score head"
-            raise ApiError(400, f"{route} needs {what}; this server serves a {pooler.task} model "
-                                f"(--task {pooler.task}), its routes: {pooler.routes()}", None)
+            raise ApiError(400, f"{route} needs {what}; this server serves {pooler.described()}, "
+                                f"its routes: {pooler.routes()}", None)
         return pooler
 
     async def _pool(self, inputs: list[dict[str, Any]]) -> list[PoolingEvent]:
@@ -272,25 +274,57 @@ def _json(body: dict[str, Any]) -> Response:
     return Response(msgspec.json.encode(body), media_type="application/json")
 
 
+def request_body_docs() -> dict[str, dict[str, Any]]:
+    """openapi_extra of each route: the body's struct, with the values the checks accept."""
+    ids = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0, "maximum": 2**31 - 1}}
+    text = {"type": "string", "minLength": 1}
+    texts = {"anyOf": [text, {"type": "array", "minItems": 1, "items": text}]}
+    inputs = {"anyOf": [text, {"type": "array", "minItems": 1, "items": text}, ids,
+                        {"type": "array", "minItems": 1, "items": ids}]}
+    embedding = {"input": inputs, "encoding_format": nullable({"enum": list(ENCODING_FORMATS)}),
+                 "dimensions": nullable({"type": "integer", "minimum": 1})}
+    required = {"required": ["input"]}
+    return {
+        "embeddings": json_body_openapi(EmbeddingRequest, "OpenAI's embeddings request",
+                                        documented={"EmbeddingRequest": embedding},
+                                        constraints={"required": ["model", "input"]}),
+        "pooling": json_body_openapi(EmbeddingRequest, "vLLM's pooling request", documented={"EmbeddingRequest": {
+            **embedding, "dimensions": {"type": "null"}}}, constraints=required),
+        "classify": json_body_openapi(EmbeddingRequest, "vLLM's classify request",
+                                      documented={"EmbeddingRequest": embedding}, constraints=required),
+        "score": json_body_openapi(ScoreRequest, "vLLM's score request: text_1 against text_2",
+                                   documented={"ScoreRequest": {"text_1": texts, "text_2": texts}},
+                                   constraints={"required": ["text_1", "text_2"]}),
+        "rerank": json_body_openapi(RerankRequest, "Jina's and Cohere's rerank request", documented={"RerankRequest": {
+            "query": text, "documents": {"type": "array", "minItems": 1, "items": text},
+            "top_n": nullable({"type": "integer", "minimum": 1})}}, constraints={"required": ["query", "documents"]}),
+    }
+
+
 def register_pooling_routes(app: FastAPI, server: OpenAIServer) -> None:
     routes = PoolingRoutes(server)
     router = APIRouter()
+    docs = request_body_docs()
 
-    def route(path: str, handler):
+    def route(path: str, handler, doc: str):
         async def endpoint(request: Request):
             try:
                 return await handler(request)
             except ApiError as exc:
-                return server.refused(exc)
+                if path.startswith("/v1/"):
+                    return server.refused(exc)
+                # outside /v1 the server's own shape: {"error": message}
+                server.client.metrics.requests_rejected.inc(status=str(exc.status))
+                return error_response(exc.status, exc.message)
 
         endpoint.__name__ = "pooling_" + path.strip("/").replace("/", "_")
-        router.add_api_route(path, endpoint, methods=["POST"])
+        router.add_api_route(path, endpoint, methods=["POST"], openapi_extra=docs[doc])
 
-    route("/v1/embeddings", routes.embeddings)
-    route("/pooling", routes.pooling)
-    route("/classify", routes.classify)
+    route("/v1/embeddings", routes.embeddings, "embeddings")
+    route("/pooling", routes.pooling, "pooling")
+    route("/classify", routes.classify, "classify")
     for path in ("/score", "/v1/score"):
-        route(path, routes.score)
+        route(path, routes.score, "score")
     for path in ("/rerank", "/v1/rerank", "/v2/rerank"):
-        route(path, routes.rerank)
+        route(path, routes.rerank, "rerank")
     app.include_router(router)

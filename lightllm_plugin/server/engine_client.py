@@ -174,7 +174,7 @@ class AsyncEngineClient:
         if self.pooler is not None:
             self.metrics.requests_rejected.inc(status="400")
             raise RequestRejected(
-                f"this server serves a {self.pooler.task} model (--task {self.pooler.task}), which does not "
+                f"this server serves {self.pooler.described()}, which does not "
                 f"generate text; its routes: {self.pooler.routes()}", 400)
         if params.n > MAX_SAMPLES:
             self.metrics.requests_rejected.inc(status="400")

@@ -35,7 +35,7 @@ def pooling_routes(client: AsyncEngineClient) -> APIRouter:
             pooler = client.pooler
             if pooler is not None and (pooler.head != "classify" or pooler.dimensions != 1):
                 raise BadRequest(400, f"/get_score needs a reward model (a score head of one label); this server "
-                                      f"serves a {pooler.task} model, its routes: {pooler.routes()}")
+                                      f"serves {pooler.described()}, its routes: {pooler.routes()}")
         except BadRequest as exc:
             client.metrics.requests_rejected.inc(status=str(exc.status))
             return error_response(exc.status, exc.message)

@@ -120,11 +120,11 @@ def test_pooling_score_and_rerank(embed_server, embed_ref, tokenizer):
 def test_routes_of_the_other_kind_of_model_say_what_the_server_does(embed_server, reward_server):
     for path, body in [("/generate", {"inputs": "hi"}), ("/v1/completions", {"model": "x", "prompt": "hi"})]:
         r = post(embed_server, path, body)
-        assert r.status_code in (400, 404) and ("embed model" in r.text or "does not exist" in r.text), r.text
+        assert r.status_code in (400, 404) and ("embedding model" in r.text or "does not exist" in r.text), r.text
     r = post(embed_server, "/generate", {"inputs": "hi"})
     assert r.status_code == 400 and "/v1/embeddings" in r.json()["error"]
     r = post(embed_server, "/classify", {"input": "hi"})
-    assert r.status_code == 400 and "serves a embed model" in r.json()["error"]["message"]
+    assert r.status_code == 400 and "serves an embedding model (--task embed)" in r.json()["error"]
     r = post(reward_server, "/v1/embeddings", {"model": reward_server.folder.rstrip("/").split("/")[-1], "input": "hi"})
     assert r.status_code == 400 and "reward model" in r.json()["error"]["message"], r.text
     r = post(reward_server, "/v1/chat/completions", {"model": reward_server.folder.rstrip("/").split("/")[-1],
