@@ -306,7 +306,7 @@ def register_pooling_routes(app: FastAPI, server: OpenAIServer) -> None:
     router = APIRouter()
     docs = request_body_docs()
 
-    def route(path: str, handler, doc: str):
+    def route(path: str, handler, doc: str, documented: bool = True):
         async def endpoint(request: Request):
             try:
                 return await handler(request)
@@ -318,13 +318,15 @@ def register_pooling_routes(app: FastAPI, server: OpenAIServer) -> None:
                 return error_response(exc.status, exc.message)
 
         endpoint.__name__ = "pooling_" + path.strip("/").replace("/", "_")
-        router.add_api_route(path, endpoint, methods=["POST"], openapi_extra=docs[doc])
+        router.add_api_route(path, endpoint, methods=["POST"], openapi_extra=docs[doc], include_in_schema=documented)
 
     route("/v1/embeddings", routes.embeddings, "embeddings")
     route("/pooling", routes.pooling, "pooling")
     route("/classify", routes.classify, "classify")
-    for path in ("/score", "/v1/score"):
-        route(path, routes.score, "score")
-    for path in ("/rerank", "/v1/rerank", "/v2/rerank"):
-        route(path, routes.rerank, "rerank")
+    # vLLM's other spellings of the same routes stay out of the OpenAPI document: one operation each
+    route("/score", routes.score, "score")
+    route("/v1/score", routes.score, "score", documented=False)
+    route("/v1/rerank", routes.rerank, "rerank")
+    for path in ("/rerank", "/v2/rerank"):
+        route(path, routes.rerank, "rerank", documented=False)
     app.include_router(router)
