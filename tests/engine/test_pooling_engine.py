@@ -87,3 +87,16 @@ def test_task_checks(tmp_path):
         want = torch.nn.functional.normalize(hf(torch.tensor([ids])).last_hidden_state[0, -1], dim=-1)
     (event,) = run(core, [ids])
     assert len(event.data) == 64 and rel_err(event.data, want) < TOL
+
+
+def test_an_aborted_pooling_request_mid_prompt_frees_its_slots(tmp_path):
+    folder = build_pooling_folder(tmp_path, "llama_embed_mean", vocab_size=VOCAB)
+    core = EngineCore(EngineConfig(model_dir=folder, max_total_token_num=1024, max_req_total_len=512,
+                                   max_req_input_len=400, batch_max_tokens=32), progress=False, with_tokenizer=False)
+    core.add_request(1, list(range(3, 203)), SamplingParams(max_new_tokens=1))  # 200 tokens: 7 chunks
+    core.add_request(2, list(range(3, 13)), SamplingParams(max_new_tokens=1))
+    assert core.step() == [] and core.used_slots == 32  # the first chunk of request 1
+    assert core.abort(1)
+    (event,) = [e for _ in range(3) for e in core.step()]
+    assert event.req_id == 2 and not core.has_unfinished()
+    assert core.free_slots.num_free == core.total_slots
