@@ -18,8 +18,8 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
-import transformers
+
+# torch and transformers load inside the functions: every test session loads this plugin
 
 SHAPE = dict(hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=512)
@@ -45,6 +45,9 @@ def default_tokenizer():
 def build_pooling_folder(folder: Path, kind: str, vocab_size: int | None = None, matryoshka: list[int] | None = None) -> str:
     """`kind`'s folder at `folder`. vocab_size None: the default model's tokenizer is saved with
     it (and sets the vocabulary); else no tokenizer (token-id inputs only)."""
+    import torch
+    import transformers
+
     family, num_labels, pooling = KINDS[kind]
     folder = Path(folder)
     tokenizer = None
@@ -92,22 +95,29 @@ class HFReference:
     folder says and L2-normalized."""
 
     def __init__(self, folder: str, kind: str):
+        import torch
+        import transformers
+
         self.kind = kind
         _, self.num_labels, self.pooling = KINDS[kind]
         auto = transformers.AutoModelForSequenceClassification if self.num_labels else transformers.AutoModel
         self.model = auto.from_pretrained(folder, dtype=torch.float32).eval()
 
-    @torch.no_grad()
-    def __call__(self, ids: list[int]) -> torch.Tensor:
-        batch = torch.tensor([ids])
-        if self.num_labels:
-            return self.model(batch).logits[0]
-        hidden = self.model(batch).last_hidden_state[0]  # [T, hidden]
-        pooled = hidden.mean(0) if self.pooling == "mean_tokens" else hidden[-1]
-        return torch.nn.functional.normalize(pooled, dim=-1)
+    def __call__(self, ids: list[int]):
+        import torch
+
+        with torch.no_grad():
+            batch = torch.tensor([ids])
+            if self.num_labels:
+                return self.model(batch).logits[0]
+            hidden = self.model(batch).last_hidden_state[0]  # [T, hidden]
+            pooled = hidden.mean(0) if self.pooling == "mean_tokens" else hidden[-1]
+            return torch.nn.functional.normalize(pooled, dim=-1)
 
 
-def rel_err(ours, ref: torch.Tensor) -> float:
+def rel_err(ours, ref) -> float:
+    import torch
+
     ours = torch.as_tensor(ours, dtype=torch.float32)
     return ((ours - ref).norm() / ref.norm()).item()
 
