@@ -43,9 +43,13 @@ SHAPES = {
         vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
         num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0, num_labels=1,
         pad_token_id=128255)),
+    # CPU smoke runs only
     "tiny": ("embed", lambda: transformers.Qwen3Config(
         vocab_size=2048, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, max_position_embeddings=4096)),
+    "tiny-reward": ("reward", lambda: transformers.LlamaConfig(
+        vocab_size=2048, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=4096, num_labels=1, pad_token_id=2047)),
 }
 
 

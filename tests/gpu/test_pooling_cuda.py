@@ -15,8 +15,12 @@ from lightllm_plugin.sampling_params import SamplingParams  # noqa: E402
 VOCAB = 512
 
 
-@pytest.mark.parametrize("kind", ["llama_reward", "mistral_classifier", "qwen3_embed_last", "llama_embed_mean"])
-@pytest.mark.parametrize("dtype, tol", [("float32", 1e-3), ("bfloat16", 3e-2)])
+CASES = [(kind, "bfloat16", 3e-2) for kind in ("llama_reward", "mistral_classifier", "qwen3_embed_last",
+                                               "llama_embed_mean")]
+CASES += [("qwen2_classifier", "float32", 1e-3), ("llama_embed_mean", "float32", 1e-3)]
+
+
+@pytest.mark.parametrize("kind, dtype, tol", CASES)
 def test_pooling_on_cuda_matches_hf(kind, dtype, tol, tmp_path):
     folder = build_pooling_folder(tmp_path, kind, vocab_size=VOCAB)
     ref = HFReference(folder, kind)
