@@ -21,5 +21,7 @@ class SequenceClassificationModel(LlamaFamilyModel):
 
     @torch.inference_mode()
     def classify(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[B, hidden] pooled hidden states -> [B, num_labels] float32 logits."""
-        return self.score(hidden.to(self.score.weight.dtype)).float()
+        """[B, hidden] pooled hidden states -> [B, num_labels] float32 logits. The head runs in
+        float32 whatever the model's dtype: it is one small matrix, and a reward is one number
+        that a bfloat16 output would round to 8 bits."""
+        return torch.nn.functional.linear(hidden.float(), self.score.weight.float())
