@@ -542,3 +542,7 @@ class ChatLightLLM(_LightLLMCommon, BaseChatModel):
         elif tool_choice is not None:
             kwargs["tool_choice"] = "auto"
         return super().bind(tools=formatted, **kwargs)
+
+
+# the embeddings live in their own module; importable from here beside the chat model
+from .langchain_embeddings import LightLLMEmbeddings  # noqa: E402,F401

@@ -25,6 +25,9 @@ HELP = {
     "data_type": "auto, float32, float16, bfloat16; on CPU, below float32 means quantized weights for decode "
                  "and a bfloat16 KV cache (see README: Engine settings)",
     "device": "auto, cpu or cuda",
+    "task": "generate, reward, embed, classify or score; auto: a score head serves reward (one label) or "
+    "classify, a sentence-transformers folder embed, anything else generate",
+    "max_batch_embeddings": "most inputs of one /v1/embeddings, /pooling, /classify, /score or /v1/rerank request",
     "eos_id": "extra end-of-sequence token ids, added to the model's own",
     "max_total_token_num": "KV cache size in tokens (default: measured from free memory and --mem_fraction)",
     "mem_fraction": "share of free accelerator memory the KV cache may take",
@@ -66,7 +69,7 @@ API_KEY_ENV = "LIGHTLLM_API_KEY"
 # fields only the HTTP server uses
 SERVER_FIELDS = {
     "host", "port", "tokenizer_workers", "served_model_name", "api_key",
-    "max_queue_size", "max_body_size", "request_timeout",
+    "max_queue_size", "max_body_size", "request_timeout", "max_batch_embeddings",
 }
 # fields whose flag takes any text: LazyLLM writes "--nccl_port=None" when it has no port to give
 TEXT_OR_NONE_FIELDS = {"nccl_port"}

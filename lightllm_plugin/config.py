@@ -11,6 +11,8 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 
+from lightllm_plugin.pooling_params import TASKS, PoolerInfo
+
 _DATA_TYPES = ("auto", "float32", "fp32", "float16", "fp16", "half", "bfloat16", "bf16")
 _TRUNCATION_MODES = (None, "head", "tail")
 # auto: K/V stored in the model's dtype; int8: symmetric per-token-per-head quantized K/V
@@ -33,6 +35,10 @@ class EngineConfig:
     data_type: str = "auto"
     device: str = "auto"  # auto: cuda when available, else cpu
     eos_id: list[int] | None = None  # extra eos ids, added to the model's own
+    # what the server does with the model: auto reads the architecture (a score head: reward with
+    # one label, classify with more) and the folder's sentence-transformers files (embed); embed on
+    # a causal LM pools its last hidden state (models/pooling_config.py)
+    task: str = "auto"
 
     # memory and admission
     max_total_token_num: int | None = None  # KV slots; None: profile free memory
@@ -66,6 +72,8 @@ class EngineConfig:
     max_queue_size: int | None = None
     max_body_size: int = 8 * 1024 * 1024  # bytes of one HTTP request body
     request_timeout: float | None = None  # seconds one request may run; None: no limit
+    # inputs of one /v1/embeddings (or /pooling, /classify, /score, /v1/rerank) request; OpenAI's limit
+    max_batch_embeddings: int = 2048
     # a plugin that fails to load is skipped with a warning instead of stopping the command; the
     # model processes read it to skip the same plugins the server did
     skip_broken_plugins: bool = False
@@ -76,6 +84,8 @@ class EngineConfig:
     resolved_dtype: str = field(default="", init=False)
     resolved_device: str = field(default="", init=False)
     resolved_model_path: str = field(default="", init=False)
+    resolved_task: str = field(default="", init=False)  # generate, reward, embed, classify or score
+    pooler: PoolerInfo | None = field(default=None, init=False)  # None: a generation model
 
     def __post_init__(self) -> None:
         if self.data_type not in _DATA_TYPES:
@@ -116,6 +126,10 @@ class EngineConfig:
             raise ConfigError(f"max_body_size must be >= 1024 bytes, got {self.max_body_size}")
         if self.request_timeout is not None and not self.request_timeout > 0:
             raise ConfigError(f"request_timeout must be > 0 seconds, got {self.request_timeout}")
+        if self.task not in TASKS:
+            raise ConfigError(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.max_batch_embeddings < 1:
+            raise ConfigError(f"max_batch_embeddings must be >= 1, got {self.max_batch_embeddings}")
         if self.eos_id is not None and isinstance(self.eos_id, int):
             self.eos_id = [self.eos_id]
 

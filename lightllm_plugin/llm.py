@@ -126,6 +126,31 @@ class LLM:
         texts, id_lists = [text for text, _ in rendered], [ids for _, ids in rendered]
         return self._run(texts, id_lists, sampling_params, use_tqdm)
 
+    # ---- pooling models (lightllm_plugin/offline_pooling.py) ---------------------------
+    def embed(self, prompts, *, dimensions: int | None = None, use_tqdm: bool = True):
+        """Each prompt's embedding: `outputs.embedding` (truncated to `dimensions` on Matryoshka models)."""
+        from lightllm_plugin import offline_pooling
+
+        return offline_pooling.embed(self, prompts, dimensions, use_tqdm)
+
+    def classify(self, prompts, *, use_tqdm: bool = True):
+        """Each prompt's class probabilities, `outputs.probs`."""
+        from lightllm_plugin import offline_pooling
+
+        return offline_pooling.classify(self, prompts, use_tqdm)
+
+    def reward(self, prompts, *, use_tqdm: bool = True):
+        """Each prompt's raw pooled output, `outputs.data` (a reward model's score: `data[0]`)."""
+        from lightllm_plugin import offline_pooling
+
+        return offline_pooling.reward(self, prompts, use_tqdm)
+
+    def score(self, text_1, text_2, *, use_tqdm: bool = True):
+        """`outputs.score` of text_1 against each text_2 (cosine, or a cross-encoder's sigmoid)."""
+        from lightllm_plugin import offline_pooling
+
+        return offline_pooling.score(self, text_1, text_2, use_tqdm)
+
     # ---- internals ---------------------------------------------------------------------
     def _normalize_prompts(self, prompts) -> tuple[list[str | None], list[list[int]]]:
         if isinstance(prompts, str):
@@ -157,6 +182,9 @@ class LLM:
         if len(params_list) != len(id_lists):
             raise ValueError(f"{len(params_list)} sampling params for {len(id_lists)} prompts")
         engine = self.engine
+        if engine.pooler is not None:
+            raise ValueError(f"this model is {engine.pooler.described()}: it does not generate; use "
+                             f"LLM.{'embed' if engine.pooler.head == 'embed' else 'classify'} (or reward, score)")
         # check everything first so a bad prompt leaves nothing queued
         for ids, params in zip(id_lists, params_list):
             engine.validate(ids, params.for_sample(0))

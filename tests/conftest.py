@@ -7,7 +7,7 @@ import pytest
 # asserts get pytest's messages, and live_server's fixtures (default_server, launch_server) are
 # a plugin, so every directory sees them
 pytest.register_assert_rewrite("support")
-pytest_plugins = ["support.live_server", "support.model_plugin"]
+pytest_plugins = ["support.live_server", "support.model_plugin", "support.pooling_models"]
 
 # several engine processes share 2 cores in CI: OpenMP's spin is bounded as the package bounds
 # it (lightllm_plugin/__init__.py; set here too because test modules import torch first)

@@ -26,6 +26,7 @@ from .protocol import ROLES, ApiError, ChatRequest, CompletionRequest
 from .serving import OpenAIServer
 from .serving_chat import create_chat_completion
 from .serving_completion import create_completion
+from .serving_pooling import register_pooling_routes
 
 TEXT_PART = {"type": "object", "required": ["type", "text"],
              "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
@@ -106,3 +107,4 @@ def register_routes(app: FastAPI, engine: AsyncEngineClient, config: EngineConfi
         return await create_chat_completion(server, request)
 
     app.include_router(router)
+    register_pooling_routes(app, server)

@@ -17,7 +17,7 @@ import torch
 
 from lightllm_plugin.config import EngineConfig
 from lightllm_plugin.engine.memory import SlotFreeList
-from lightllm_plugin.engine.outputs import TokenEvent
+from lightllm_plugin.engine.outputs import PoolingEvent, TokenEvent
 from lightllm_plugin.engine.prefix_cache import PrefixCache
 from lightllm_plugin.engine.runner import ModelRunner, StepEntry, TableWrites
 from lightllm_plugin.engine.sampling import PendingSample, SamplerRow, has_penalty
@@ -39,6 +39,7 @@ class _LiveRequest:
     row: int = -1
     slots: list[int] = field(default_factory=list)
     output_ids: list[int] = field(default_factory=list)
+    pooled_sum: torch.Tensor | None = None  # mean pooling: the hidden states of the chunks so far
 
 
 @dataclass
@@ -86,7 +87,10 @@ class EngineCore:
                 f"raise max_total_token_num / mem_fraction or lower max_req_total_len"
             )
         self.free_slots = SlotFreeList(total)
-        self.prefix_cache = None if config.disable_dynamic_prompt_cache else PrefixCache()
+        self.pooler = self.runner.pooler  # None: a generation model
+        # mean pooling reads every prompt token's hidden state, which a cached prefix does not have
+        mean_pooling = self.pooler is not None and self.pooler.pooling == "mean"
+        self.prefix_cache = None if config.disable_dynamic_prompt_cache or mean_pooling else PrefixCache()
         chunk = None if config.disable_chunked_prefill else config.chunked_prefill_size
         self.scheduler = Scheduler(total, config.batch_max_tokens, config.running_max_req_size, chunk,
                                    self.prefix_cache)
@@ -176,7 +180,9 @@ class EngineCore:
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
             stop_ids.update(self.config.resolved_eos_ids)
-        sched = SchedRequest(req_id=req_id, prompt_len=len(prompt_ids), max_new_tokens=params.max_new_tokens,
+        # a pooling request ends with its prefill; the one step the peak rule counts is that step
+        max_new_tokens = 1 if self.pooler is not None else params.max_new_tokens
+        sched = SchedRequest(req_id=req_id, prompt_len=len(prompt_ids), max_new_tokens=max_new_tokens,
                              prompt_ids=prompt_ids, salt=params.cache_salt)
         sampler = SamplerRow(params, prompt_ids, [], generator, [])
         live = _LiveRequest(req_id, prompt_ids, params, sched, sampler, frozenset(stop_ids))
@@ -267,7 +273,7 @@ class EngineCore:
         return TableWrites(rows, positions, slots)
 
     # ---- the step ---------------------------------------------------------------------------
-    def step(self) -> list[TokenEvent]:
+    def step(self) -> list[TokenEvent] | list[PoolingEvent]:
         """Run one step and return its events.
 
         On the CUDA-graph path a decode step is queued before the previous one is read back, its
@@ -281,6 +287,8 @@ class EngineCore:
             batch = self.scheduler.schedule()
             if batch.is_empty():
                 return []
+            if self.pooler is not None:
+                return self._pooling_step(batch)
             launched = self._launch_scheduled(batch)
         self._queued = self._queue_next_decode(launched)
         return self._read_back(launched)
@@ -292,15 +300,7 @@ class EngineCore:
             live = self._live[sched.req_id]
             entries.append(self._decode_entry(live, len(live.output_ids), live.output_ids[-1]))
             order.append(live)
-        for sched in batch.admitted:
-            live = self._live[sched.req_id]
-            live.row = self.runner.req_table.alloc_row()
-            if self.prefix_cache is not None:
-                self.cache_query_tokens += sched.prompt_len
-                self.cache_hit_tokens += sched.cached_len
-            if sched.cached_len:
-                live.slots = sched.cache_node.path_slots()
-                self._table_writes.extend((live.row, pos, slot) for pos, slot in enumerate(live.slots))
+        self._place_admitted(batch)
         adopted: list[tuple[int, int, int, int]] = []
         for sched in batch.prefill:
             live = self._live[sched.req_id]
@@ -325,6 +325,49 @@ class EngineCore:
                 self.free_slots.free([own for _, _, _, own in adopted])
                 self._table_writes.extend((row, pos, slot) for row, pos, slot, _ in adopted)
         return _LaunchedStep(order, pending)
+
+    def _pooling_step(self, batch) -> list[PoolingEvent]:
+        """A step of pooling requests: prompt chunks only (none ever decodes). A request whose
+        last chunk is in the step gets its vector and is released in this same step, its prompt
+        going into the prefix cache (last-token pooling) and its other slots to the free-list."""
+        self._place_admitted(batch)
+        entries: list[StepEntry] = []
+        lives: list[_LiveRequest] = []
+        for sched in batch.prefill:
+            live = self._live[sched.req_id]
+            start, n = sched.chunk_start, sched.chunk_len
+            slots = self._allocate(n)
+            live.slots.extend(slots)
+            entries.append(StepEntry(live.row, live.prompt_ids[start : start + n], start, slots, None))
+            lives.append(live)
+        pooled = self.runner.pool(entries, table_writes=self._take_table_writes())  # [B, hidden]
+        finished, vectors = [], []
+        for i, live in enumerate(lives):
+            if self.pooler.pooling == "mean":
+                live.pooled_sum = pooled[i] if live.pooled_sum is None else live.pooled_sum + pooled[i]
+            if live.sched.prefill_done:
+                finished.append(live)
+                vectors.append(pooled[i] if self.pooler.pooling == "last" else live.pooled_sum / live.sched.prompt_len)
+        if not finished:
+            return []
+        data = self.runner.pooled_output(torch.stack(vectors)).cpu().tolist()
+        events = []
+        for live, values in zip(finished, data):
+            events.append(PoolingEvent(live.req_id, values, live.sched.prompt_len, live.sched.cached_len))
+            del self._live[live.req_id]
+            self._release(live)
+        return events
+
+    def _place_admitted(self, batch) -> None:
+        for sched in batch.admitted:
+            live = self._live[sched.req_id]
+            live.row = self.runner.req_table.alloc_row()
+            if self.prefix_cache is not None:
+                self.cache_query_tokens += sched.prompt_len
+                self.cache_hit_tokens += sched.cached_len
+            if sched.cached_len:
+                live.slots = sched.cache_node.path_slots()
+                self._table_writes.extend((live.row, pos, slot) for pos, slot in enumerate(live.slots))
 
     def _decode_entry(self, live: _LiveRequest, output_len: int, token: int) -> StepEntry:
         """Feed back output token number `output_len` (1-based) into one new KV slot."""

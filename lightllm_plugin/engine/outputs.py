@@ -14,3 +14,12 @@ class TokenEvent(msgspec.Struct, array_like=True):
     output_len: int  # tokens generated so far, this one included
     prompt_len: int
     cached_len: int = 0  # prompt tokens whose KV came from the prefix cache instead of a prefill
+
+
+class PoolingEvent(msgspec.Struct, array_like=True):
+    """A pooling request (no sampler) whose prefill ended this step; its KV slots are free."""
+
+    req_id: int
+    data: list[float]  # the embedding, or the score head's logits (PoolerInfo says which)
+    prompt_len: int
+    cached_len: int = 0

@@ -33,9 +33,11 @@ from lightllm_plugin.models.loader import (
     InMemoryCheckpoint,
     load_checkpoint,
     load_model,
+    read_hf_config,
     registered_models,
 )
 from lightllm_plugin.models.moe import moe_workspace_bytes
+from lightllm_plugin.models.pooling_config import resolve_pooler
 from lightllm_plugin.models.tensor_parallel import TPGroup
 
 logger = logging.getLogger(__name__)
@@ -76,6 +78,20 @@ class TableWrites:
 
     def __len__(self) -> int:
         return len(self.rows)
+
+
+def _pooling_source(kind: str, path: str, checkpoint: InMemoryCheckpoint | None, task: str):
+    """(HF config dict, folder) that decide a checkpoint's task. A GGUF file is a causal LM with
+    no sentence-transformers files: its metadata is read only when a pooling task is asked for."""
+    if checkpoint is not None:
+        return checkpoint.hf_config, None
+    if kind == "hf":
+        return read_hf_config(path), path
+    if task in ("auto", "generate"):
+        return {"architectures": ["LlamaForCausalLM"]}, None
+    from lightllm_plugin.models.gguf import gguf_model_config
+
+    return gguf_model_config(path), None
 
 
 def resolve_device_and_dtype(config: EngineConfig) -> tuple[torch.device, torch.dtype]:
@@ -119,6 +135,13 @@ class ModelRunner:
         self.step_rows: StepRows | None = None  # which rows of a step take the quantized weights
         model_dtype = torch.float32 if cpu_quantized else self.dtype
         config.resolved_device = self.device.type
+        # a model without a sampler (reward, classifier, embedding): resolved before loading,
+        # so a task the checkpoint cannot serve is reported at once
+        self.pooler = resolve_pooler(*_pooling_source(model_kind, model_path, checkpoint, config.task), config.task)
+        config.pooler = self.pooler
+        config.resolved_task = self.pooler.task if self.pooler is not None else "generate"
+        if self.pooler is not None and tp_group is not None:
+            raise ValueError(f"--task {self.pooler.task} runs with --tp 1 (pooling models are not split)")
         models = registered_models(skip_broken=config.skip_broken_plugins)
         if checkpoint is not None:
             self.model, self.model_cfg = load_checkpoint(
@@ -134,8 +157,8 @@ class ModelRunner:
         # that precise, so decode runs on its exact 4-bit codes with a bfloat16 KV pool, twice the
         # float32 speed (its greedy tokens stay float32's on 7 of the 8 test chats); any other
         # checkpoint keeps the exact float32 path. Only an explicit lower data_type adds int8
-        # codes of its own.
-        auto_cpu = self.device.type == "cpu" and config.data_type == "auto"
+        # codes of its own. A pooling model's outputs are its prompt's, which float32 computes anyway.
+        auto_cpu = self.device.type == "cpu" and config.data_type == "auto" and self.pooler is None
         if cpu_quantized or auto_cpu:
             self.step_rows = StepRows()
             counts = quantize_projections(self.model, Projection, int8=cpu_quantized, step_rows=self.step_rows)
@@ -195,7 +218,9 @@ class ModelRunner:
         self.kv_pool = allocate_kv_pool(cfg.num_layers, slots, cfg.num_kv_heads, cfg.head_dim, self.kv_dtype, self.device)
         # Under tensor parallelism decode runs eagerly: a graph replay would have to be
         # mirrored on every rank, and chained steps take input ids only rank 0 has.
-        if self.device.type == "cuda" and not self.config.enforce_eager and self.tp_group is None:
+        # pooling requests end with their prefill: there is no decode step to capture
+        if self.device.type == "cuda" and not self.config.enforce_eager and self.tp_group is None \
+                and self.pooler is None:
             self.decode_graphs = DecodeGraphs(
                 self.model, self.kv_pool, self.req_table.req_to_token, self.req_table.scratch_row,
                 self.config.running_max_req_size,
@@ -269,7 +294,8 @@ class ModelRunner:
         packed = torch.tensor([v for f in fields for v in f], dtype=torch.long, pin_memory=self.device.type == "cuda")
         return StepPlan(packed, len(input_ids), len(entries), all_logits, len(table_writes) if table_writes else 0)
 
-    def _run_packed(self, plan: StepPlan, kv_pool: torch.Tensor | QuantizedKVCache) -> torch.Tensor:
+    def _run_packed(self, plan: StepPlan, kv_pool: torch.Tensor | QuantizedKVCache,
+                    hidden_only: bool = False) -> torch.Tensor:
         table = self.req_table.req_to_token
         t, b, w = plan.num_tokens, plan.num_requests, plan.num_writes
         packed = plan.packed.to(self.device, non_blocking=True)  # pinned on CUDA
@@ -282,7 +308,33 @@ class ModelRunner:
         meta = AttentionMetadata(table, req_idx, seq_len, q_start, q_len, out_slots)
         if self.step_rows is not None:
             self.step_rows.update(q_start, q_len)
+        if hidden_only:
+            return self.model.hidden_states(ids, pos, kv_pool, meta)  # [T, hidden]
         return self.model(ids, pos, kv_pool, meta, None if plan.all_logits else last)
+
+    # ---- pooling (models without a sampler) ---------------------------------------------
+    @torch.inference_mode()
+    def pool(self, entries: list[StepEntry], table_writes: TableWrites | None = None) -> torch.Tensor:
+        """One prefill step of pooling requests: per entry [B, hidden] float32, its last token's
+        final hidden state (last pooling) or the sum of its tokens' (mean pooling: the caller
+        adds a prompt's chunks up and divides by its length)."""
+        plan = self._pack(entries, all_logits=True, table_writes=table_writes)
+        hidden = self._run_packed(plan, self.kv_pool, hidden_only=True)
+        lengths = [len(e.input_ids) for e in entries]
+        if self.pooler.pooling == "last":
+            last = torch.tensor(lengths).cumsum(0) - 1
+            return hidden[last.to(hidden.device)].float()
+        owner = torch.repeat_interleave(torch.arange(len(entries)), torch.tensor(lengths)).to(hidden.device)
+        sums = torch.zeros(len(entries), hidden.shape[1], dtype=torch.float32, device=hidden.device)
+        return sums.index_add_(0, owner, hidden.float())
+
+    @torch.inference_mode()
+    def pooled_output(self, pooled: torch.Tensor) -> torch.Tensor:
+        """[B, hidden] pooled hidden states -> what the engine returns: the score head's logits
+        [B, num_labels], or the embedding [B, hidden] (L2-normalized where the pooler says so)."""
+        if self.pooler.head == "classify":
+            return self.model.classify(pooled)
+        return torch.nn.functional.normalize(pooled, dim=-1) if self.pooler.normalize else pooled
 
     @torch.inference_mode()
     def teacher_forced_logprobs(self, token_ids: list[int], slots: list[int], chunk: int = 512) -> torch.Tensor:

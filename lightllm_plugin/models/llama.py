@@ -136,6 +136,23 @@ class LlamaFamilyModel(nn.Module):
         self.sin_cache = freqs.sin().to(device)
 
     @torch.inference_mode()
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,  # [T]
+        positions: torch.Tensor,  # [T]
+        kv_cache: torch.Tensor | QuantizedKVCache,  # [layers, slots+1, 2*Hkv, D]
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """The last hidden state after the final norm [T, hidden]: what the heads read."""
+        hidden = self.embed_tokens(input_ids)
+        cos, sin = self.cos_cache[positions], self.sin_cache[positions]
+        residual = None
+        for i, layer in enumerate(self.layers):
+            hidden, residual = layer(hidden, residual, cos, sin, kv_cache[i], meta)
+        hidden, _ = rmsnorm(hidden, self.norm, self.cfg.rms_norm_eps, residual)
+        return hidden
+
+    @torch.inference_mode()
     def forward(
         self,
         input_ids: torch.Tensor,  # [T]
@@ -144,12 +161,7 @@ class LlamaFamilyModel(nn.Module):
         meta: AttentionMetadata,
         logits_index: torch.Tensor | None = None,  # [B] rows whose logits are wanted; None: all
     ) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)
-        cos, sin = self.cos_cache[positions], self.sin_cache[positions]
-        residual = None
-        for i, layer in enumerate(self.layers):
-            hidden, residual = layer(hidden, residual, cos, sin, kv_cache[i], meta)
-        hidden, _ = rmsnorm(hidden, self.norm, self.cfg.rms_norm_eps, residual)
+        hidden = self.hidden_states(input_ids, positions, kv_cache, meta)
         if logits_index is not None:
             hidden = hidden[logits_index]
         return self.lm_head(hidden).float()

@@ -50,6 +50,7 @@ _FUSED = {
 _EXPERT_RE = re.compile(r"^(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight$")
 _EXPERT_PIECE = {"gate_proj": ("w_gate_up", 0), "w1": ("w_gate_up", 0), "up_proj": ("w_gate_up", 1),
                  "w3": ("w_gate_up", 1), "down_proj": ("w_down", None), "w2": ("w_down", None)}
+_BARE_PREFIXES = ("embed_tokens.", "layers.", "norm.")
 _RENAMED = {
     "self_attn.o_proj.weight": "o_proj.weight",
     "self_attn.o_proj.bias": "o_proj.bias",
@@ -166,6 +167,13 @@ def load_weights(
     stacking: dict[tuple[int, str], list] = {}
     for name, tensor in tqdm(tensors, total=total, desc="Loading weights", unit="tensor", disable=not progress):
         tensor = tensor.to(device)
+        if name.startswith(_BARE_PREFIXES):
+            # a checkpoint saved from the bare decoder (sentence-transformers folders such as
+            # Qwen3-Embedding) names its weights without the causal LM's "model." prefix
+            name = "model." + name
+        if name == "score.weight":  # the classifier head of *ForSequenceClassification
+            _assign(model, name, tensor)
+            continue
         if name in ("model.embed_tokens.weight", "lm_head.weight"):
             _assign(model, name.removeprefix("model."), tensor)
             continue

@@ -15,6 +15,9 @@ SUPPORTED_ARCHITECTURES = (
     "Qwen2MoeForCausalLM",
     "Qwen3MoeForCausalLM",
 )
+# the same families with a `score` head instead of the language-model head (reward models, classifiers)
+SEQUENCE_CLASSIFICATION_ARCHITECTURES = tuple(a.replace("ForCausalLM", "ForSequenceClassification")
+                                              for a in SUPPORTED_ARCHITECTURES)
 _SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -47,6 +50,7 @@ class ModelConfig:
     norm_topk_prob: bool = False  # renormalize the chosen experts' weights to sum to 1
     shared_expert_intermediate_size: int = 0  # Qwen2-MoE's always-on expert behind a sigmoid gate
     sparse_layers: tuple[int, ...] = ()  # layers whose MLP is the experts; the others are dense
+    num_labels: int = 0  # outputs of the score head (*ForSequenceClassification); 0: none
 
     @classmethod
     def from_hf_dict(cls, cfg: dict[str, Any], architectures: Iterable[str] | None = None) -> "ModelConfig":
@@ -55,7 +59,8 @@ class ModelConfig:
         built-in SUPPORTED_ARCHITECTURES); the first of the checkpoint's `architectures`
         among them is the one used. Whatever the name, the fields are read as a Llama-family
         model's."""
-        known = tuple(SUPPORTED_ARCHITECTURES if architectures is None else architectures)
+        default = SUPPORTED_ARCHITECTURES + SEQUENCE_CLASSIFICATION_ARCHITECTURES
+        known = tuple(default if architectures is None else architectures)
         archs = cfg.get("architectures") or []
         arch = next((a for a in archs if a in known), None)
         if arch is None:
@@ -69,7 +74,9 @@ class ModelConfig:
         heads = cfg["num_attention_heads"]
         rope_theta, rope_scaling = _rope_settings(cfg)
         attention_bias = bool(cfg.get("attention_bias", False))
-        is_qwen2 = arch in ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM")
+        # a classifier is its family's causal LM with another head: the same flags
+        family = arch.replace("ForSequenceClassification", "ForCausalLM")
+        is_qwen2 = family in ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM")
         eos = cfg.get("eos_token_id")
         return cls(
             architecture=arch,
@@ -87,14 +94,15 @@ class ModelConfig:
             # Qwen2 always has q/k/v bias and never o_proj bias; the others follow attention_bias
             qkv_bias=attention_bias or (is_qwen2 and cfg.get("qkv_bias", True)),
             o_bias=attention_bias and not is_qwen2,
-            qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
+            qk_norm=family in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
             rope_scaling=rope_scaling,
             rope_freq_factors=cfg.get("rope_freq_factors"),
             # Mistral configs name a window that is in force; Qwen2/3 name one and switch it off
-            sliding_window=cfg.get("sliding_window") if cfg.get("use_sliding_window", arch in ("MistralForCausalLM", "MixtralForCausalLM")) else None,
+            sliding_window=cfg.get("sliding_window") if cfg.get("use_sliding_window", family in ("MistralForCausalLM", "MixtralForCausalLM")) else None,
             eos_token_ids=_as_id_list(eos),
             bos_token_id=cfg.get("bos_token_id"),
-            **_moe_settings(cfg, arch),
+            num_labels=_num_labels(cfg) if arch.endswith("ForSequenceClassification") else 0,
+            **_moe_settings(cfg, family),
         )
 
 
@@ -114,6 +122,11 @@ def _moe_settings(cfg: dict[str, Any], arch: str) -> dict[str, Any]:
                 moe_intermediate_size=cfg["moe_intermediate_size"], norm_topk_prob=bool(cfg.get("norm_topk_prob")),
                 shared_expert_intermediate_size=cfg.get("shared_expert_intermediate_size", 0) or 0,
                 sparse_layers=sparse)
+
+
+def _num_labels(cfg: dict[str, Any]) -> int:
+    id2label = cfg.get("id2label")
+    return len(id2label) if id2label else int(cfg.get("num_labels", 2))
 
 
 def _as_id_list(value: Any) -> list[int]:

@@ -6,16 +6,22 @@ from __future__ import annotations
 
 from typing import Any
 
-from lightllm_plugin.models.model_config import SUPPORTED_ARCHITECTURES
+from lightllm_plugin.models.model_config import (
+    SEQUENCE_CLASSIFICATION_ARCHITECTURES,
+    SUPPORTED_ARCHITECTURES,
+)
 from lightllm_plugin.plugins import hookimpl
 
 
 def builtin_models() -> dict[str, Any]:
     """Architecture name -> model class. The classes import torch, so they load on first use:
     the api process lists the table without paying for it."""
+    from lightllm_plugin.models.classifier import SequenceClassificationModel
     from lightllm_plugin.models.llama import LlamaFamilyModel
 
-    return {architecture: LlamaFamilyModel for architecture in SUPPORTED_ARCHITECTURES}
+    table = {architecture: LlamaFamilyModel for architecture in SUPPORTED_ARCHITECTURES}
+    table.update({architecture: SequenceClassificationModel for architecture in SEQUENCE_CLASSIFICATION_ARCHITECTURES})
+    return table
 
 
 @hookimpl(tryfirst=True)

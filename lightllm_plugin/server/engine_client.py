@@ -18,7 +18,9 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
+from lightllm_plugin.engine.outputs import PoolingEvent
 from lightllm_plugin.ipc import decode_or_drop
+from lightllm_plugin.pooling_params import GENERATION_ROUTES, PoolerInfo
 from lightllm_plugin.sampling_params import SamplingParams
 from lightllm_plugin.server.metrics import ServerMetrics
 from lightllm_plugin.server.protocol import (
@@ -29,6 +31,7 @@ from lightllm_plugin.server.protocol import (
     EngineStats,
     FlushCache,
     OutputBatch,
+    PoolingBatch,
     RequestError,
     TokenizeRequest,
     TokenOutput,
@@ -82,8 +85,10 @@ class AsyncEngineClient:
         *,
         max_queue_size: int | None = None,
         request_timeout: float | None = None,
+        pooler: PoolerInfo | None = None,  # the served model has no sampler: pool() only
     ):
         self.addresses = addresses
+        self.pooler = pooler
         self.metrics = metrics or ServerMetrics()
         self.max_queue_size = max_queue_size
         self.request_timeout = request_timeout
@@ -166,6 +171,11 @@ class AsyncEngineClient:
         """
         if self._failure is not None:
             raise RequestRejected(self._failure, 503)
+        if self.pooler is not None:
+            self.metrics.requests_rejected.inc(status="400")
+            raise RequestRejected(
+                f"this server serves {self.pooler.described()}, which does not "
+                f"generate text; its routes: {self.pooler.routes()}", 400)
         if params.n > MAX_SAMPLES:
             self.metrics.requests_rejected.inc(status="400")
             raise RequestRejected(f"n must be <= {MAX_SAMPLES}, got {params.n}", 400)
@@ -233,6 +243,76 @@ class AsyncEngineClient:
             if group.unfinished - group.ended:
                 self._abort(sorted(group.unfinished - group.ended))
 
+    async def pool(
+        self,
+        *,
+        prompt: str | None = None,
+        prompt_ids: list[int] | None = None,
+        messages: list[dict[str, Any]] | None = None,
+        text_pair: str | None = None,
+        field: str = "input",
+        add_special_tokens: bool = True,
+    ) -> PoolingEvent:
+        """One prompt through a pooling model: its vector (and token counts) once its prefill
+        ended. RequestRejected as generate() raises it; cancelled (the client went away), the
+        request is aborted and its KV slots freed."""
+        if self._failure is not None:
+            raise RequestRejected(self._failure, 503)
+        if self.pooler is None:
+            self.metrics.requests_rejected.inc(status="400")
+            raise RequestRejected(
+                f"this server serves a generation model (--task generate), which has no pooling output; its routes: "
+                f"{GENERATION_ROUTES} (a pooling server: --task reward, embed, classify or score)", 400)
+        if self.max_queue_size is not None and len(self._waiting) >= self.max_queue_size:
+            self.metrics.requests_rejected.inc(status="503")
+            raise RequestRejected(
+                f"the server is overloaded: {len(self._waiting)} requests are waiting to start "
+                f"(max_queue_size={self.max_queue_size}); retry later", 503, retry_after=RETRY_AFTER_S)
+        req_id = next(self._ids)
+        self._waiting.add(req_id)
+        group = _Group(index_of={req_id: 0}, arrival=time.perf_counter())
+        group.unfinished.add(req_id)
+        self._groups[req_id] = group
+        request = TokenizeRequest(
+            req_ids=[req_id], params=SamplingParams(max_new_tokens=1), prompt=prompt, prompt_ids=prompt_ids,
+            messages=messages, add_special_tokens=add_special_tokens, field=field, text_pair=text_pair,
+        )
+        try:
+            try:
+                frame = encoder.encode(request)
+            except OverflowError:
+                raise RequestRejected("a number in the request is out of range", 400) from None
+            await self._to_tokenizer.send(frame)
+            try:
+                item = await asyncio.wait_for(group.queue.get(), self.request_timeout)
+            except asyncio.TimeoutError:
+                self.metrics.requests_rejected.inc(status="504")
+                raise RequestRejected(
+                    f"the request ran longer than request_timeout={self.request_timeout:g}s and was aborted", 504
+                ) from None
+            if isinstance(item, RequestError):
+                group.unfinished.clear()
+                if item.status < 500:
+                    self.metrics.requests_rejected.inc(status=str(item.status))
+                raise RequestRejected(item.message, item.status)
+            return item
+        finally:
+            self._waiting.discard(req_id)
+            self._groups.pop(req_id, None)
+            if group.unfinished - group.ended:
+                self._abort([req_id])
+
+    async def pool_many(self, inputs: list[dict[str, Any]]) -> list[PoolingEvent]:
+        """pool(**input) for each input at once (the engine batches them); the first refusal
+        cancels the others, which aborts them."""
+        tasks = [asyncio.ensure_future(self.pool(**kw)) for kw in inputs]
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
     async def flush_cache(self, timeout: float = FLUSH_TIMEOUT_S) -> int:
         """Drop every prefix-cache entry no running request uses; the KV slots that freed.
         RequestRejected: 503 when the pipeline is gone, 504 when the router did not answer."""
@@ -270,6 +350,9 @@ class AsyncEngineClient:
                 now = time.perf_counter()
                 for output in msg.outputs:
                     self._deliver(output, now)
+            elif isinstance(msg, PoolingBatch):
+                for pooled in msg.outputs:
+                    self._deliver_pooled(pooled, time.perf_counter())
             elif isinstance(msg, EngineStats):
                 self._record_stats(msg)
             elif isinstance(msg, CacheFlushed):
@@ -298,6 +381,17 @@ class AsyncEngineClient:
             m.requests_finished.inc(finish_reason=output.finish_reason)
             group.ended.add(output.req_id)
         group.queue.put_nowait(output)
+
+    def _deliver_pooled(self, pooled: PoolingEvent, now: float) -> None:
+        self._waiting.discard(pooled.req_id)
+        group = self._groups.get(pooled.req_id)
+        if group is None:
+            return  # aborted while its answer was on its way
+        self.metrics.time_to_first_token.observe(now - group.arrival)
+        self.metrics.prompt_tokens.inc(pooled.prompt_len)
+        self.metrics.requests_finished.inc(finish_reason="stop")
+        group.ended.add(pooled.req_id)
+        group.queue.put_nowait(pooled)
 
     def _record_stats(self, stats: EngineStats) -> None:
         previous, self.stats = self.stats, stats

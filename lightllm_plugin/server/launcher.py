@@ -291,10 +291,12 @@ def serve(config: EngineConfig, plugins=None) -> int:
         config.resolved_eos_ids = list(ready.eos_ids)
         config.resolved_model_path = ready.model_path
         config.resolved_dtype, config.resolved_device = ready.dtype, ready.device
-        say(f"model {ready.model_path} ready on {ready.device} ({ready.dtype}), {ready.total_slots} KV token slots")
+        config.resolved_task, config.pooler = ready.task, ready.pooler
+        say(f"model {ready.model_path} ready on {ready.device} ({ready.dtype}), {ready.total_slots} KV token slots, task {ready.task}")
 
         client = AsyncEngineClient(
-            Addresses(run_dir), max_queue_size=config.max_queue_size, request_timeout=config.request_timeout
+            Addresses(run_dir), max_queue_size=config.max_queue_size, request_timeout=config.request_timeout,
+            pooler=config.pooler,
         )
         try:
             app = create_app(client, config, pipeline.all_alive, plugins)

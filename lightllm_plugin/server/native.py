@@ -245,5 +245,9 @@ def native_routes(client: AsyncEngineClient) -> APIRouter:
 
 @hookimpl(tryfirst=True)
 def register_routes(app, engine) -> None:
-    """The built-in plugin "native": LightLLM's /generate, /generate_stream and /flush_cache."""
+    """The built-in plugin "native": LightLLM's /generate, /generate_stream, /flush_cache and
+    (server/native_pooling.py) /get_score."""
+    from lightllm_plugin.server.native_pooling import pooling_routes
+
     app.include_router(native_routes(engine))
+    app.include_router(pooling_routes(engine))

@@ -13,7 +13,8 @@ from typing import Any, Union
 
 import msgspec
 
-from lightllm_plugin.engine.outputs import TokenEvent
+from lightllm_plugin.engine.outputs import PoolingEvent, TokenEvent
+from lightllm_plugin.pooling_params import PoolerInfo
 from lightllm_plugin.sampling_params import SamplingParams
 
 
@@ -32,6 +33,7 @@ class TokenizeRequest(msgspec.Struct, tag=True, kw_only=True):
     field: str = "inputs"  # how the client named the prompt, so errors can name it too
     # LightLLM lowers max_new_tokens to the room left; OpenAI clients expect a refusal (vLLM's 400)
     lower_max_new_tokens: bool = True
+    text_pair: str | None = None  # a cross-encoder's second text, encoded with prompt as a pair
 
 
 # ---- tokenizer / api / detokenizer -> router -------------------------------------------
@@ -133,7 +135,13 @@ class CacheFlushed(msgspec.Struct, tag=True):
     freed_slots: int
 
 
-ApiInbox = Union[OutputBatch, RequestError, EngineStats, CacheFlushed]
+class PoolingBatch(msgspec.Struct, tag=True):
+    """Pooling requests that ended in one step (router -> api: no text to render)."""
+
+    outputs: list[PoolingEvent]
+
+
+ApiInbox = Union[OutputBatch, RequestError, EngineStats, CacheFlushed, PoolingBatch]
 
 
 # ---- children -> launcher ---------------------------------------------------------------
@@ -149,6 +157,8 @@ class Ready(msgspec.Struct, tag=True, kw_only=True):
     # the limits in force: the engine lowers them to the model's context length
     max_req_total_len: int = 0
     max_req_input_len: int = 0
+    task: str = "generate"  # what the model does (--task, resolved)
+    pooler: PoolerInfo | None = None  # a pooling model's vectors; None: it generates
 
 
 ControlInbox = Ready

@@ -27,6 +27,7 @@ from lightllm_plugin.server.protocol import (
     EngineStats,
     FinishRequest,
     FlushCache,
+    PoolingBatch,
     Ready,
     RequestError,
     RouterInbox,
@@ -88,6 +89,8 @@ class Router:
         except ValueError as exc:
             self.to_api.send(encoder.encode(RequestError(req_ids=[msg.req_id], message=str(exc))))
             return
+        if self.core.pooler is not None:
+            return  # a pooling request's answer goes straight to the api: no text to render
         start = DetokenizeStart(
             req_id=msg.req_id,
             prompt_tail=msg.prompt_ids[-PROMPT_CONTEXT_TOKENS:],
@@ -145,7 +148,9 @@ class Router:
                                 self.core.config.tp)
                 raise
             return
-        if events:
+        if events and self.core.pooler is not None:
+            self.to_api.send(encoder.encode(PoolingBatch(outputs=events)))
+        elif events:
             self.to_detokenizer.send(encoder.encode(TokenBatch(events=events)))
 
     def report_stats(self, force: bool = False) -> None:
@@ -223,6 +228,8 @@ def run_router(config: EngineConfig, addresses: Addresses, parent_pid: int) -> N
                     device=config.resolved_device,
                     max_req_total_len=config.max_req_total_len,
                     max_req_input_len=config.max_req_input_len,
+                    task=config.resolved_task,
+                    pooler=config.pooler,
                 )
             )
         )

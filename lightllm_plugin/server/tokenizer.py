@@ -42,6 +42,8 @@ def encode_prompt(tokenizer, req: TokenizeRequest) -> list[int]:
         return ids
     if req.prompt is None or req.prompt == "":
         raise ValueError(f"{req.field} must not be empty")
+    if req.text_pair is not None:
+        return list(tokenizer(req.prompt, text_pair=req.text_pair, add_special_tokens=req.add_special_tokens)["input_ids"])
     return tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
 
 

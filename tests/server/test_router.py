@@ -22,6 +22,7 @@ class FakeCore:
     def __init__(self):
         self.live: dict[int, int] = {}  # req id -> tokens left
         self.total_slots = 100
+        self.pooler = None  # a generation model, as EngineCore says
 
     def add_request(self, req_id, prompt_ids, params):
         if len(prompt_ids) > 4:
