@@ -21,6 +21,7 @@ from .protocol import (
 )
 from .serving import OpenAIServer
 from .streaming import Job, Outputs, collect, respond
+from .structured import request_constraint
 from .tool_parsers import DEFAULT_TOOL_PARSER, TOOL_PARSERS, parse_tool_calls
 
 
@@ -78,15 +79,10 @@ def check_tools(tools: list[Any]) -> None:
 
 
 def check_response_format(response_format: dict[str, Any] | None, messages: list[dict[str, Any]]) -> None:
-    """json_object is accepted as OpenAI accepts it (the conversation must ask for JSON);
-    the output itself is not constrained."""
-    if response_format is None:
+    """json_object is accepted as OpenAI accepts it: the conversation must ask for JSON (the
+    output is then held to JSON by structured.py's constraint)."""
+    if response_format is None or response_format.get("type") != "json_object":
         return
-    kind = response_format.get("type")
-    if kind == "text":
-        return
-    if kind != "json_object":
-        raise ApiError(400, f"response_format.type must be 'text' or 'json_object', got {kind!r}", "response_format")
     if not any("json" in m["content"].lower() for m in messages if isinstance(m.get("content"), str)):
         raise ApiError(
             400, "'messages' must contain the word 'json' in some form to use response_format json_object", "messages"
@@ -110,7 +106,8 @@ def chat_job(req: ChatRequest, config: EngineConfig) -> Job:
     room = config.max_req_total_len - config.max_req_input_len
     max_tokens = value_or(req.max_completion_tokens, value_or(req.max_tokens, room))
     logprobs = value_or(req.top_logprobs, 0) if req.logprobs else None
-    params = sampling_params(req, max_tokens=max_tokens, logprobs=logprobs, renames=renames)
+    params = sampling_params(req, max_tokens=max_tokens, logprobs=logprobs, renames=renames,
+                             constraint=request_constraint(req))
     prompt = {
         "messages": messages, "tools": tools, "chat_template_kwargs": req.chat_template_kwargs, "field": "messages"
     }
