@@ -467,6 +467,16 @@ def chat_chunk(event: dict) -> ChatGenerationChunk | None:
     return ChatGenerationChunk(message=message, generation_info=info)
 
 
+def openai_tool_choice(tool_choice: dict | str | bool) -> dict | str:
+    if tool_choice is False or tool_choice == "none":
+        return "none"
+    if tool_choice is True or tool_choice in ("any", "required"):
+        return "required"
+    if tool_choice == "auto" or isinstance(tool_choice, dict):
+        return tool_choice
+    return {"type": "function", "function": {"name": tool_choice}}
+
+
 class ChatLightLLM(_LightLLMCommon, BaseChatModel):
     """A chat model served by lightllm-plugin (/v1/chat/completions), tools included."""
 
@@ -534,11 +544,10 @@ class ChatLightLLM(_LightLLMCommon, BaseChatModel):
         tool_choice: dict | str | Literal["auto", "none", "any", "required"] | bool | None = None,
         **kwargs: Any,
     ) -> Runnable[LanguageModelInput, AIMessage]:
-        """Tools go to the server as OpenAI tools (the model's chat template must take them).
-        The server cannot force a call: "any"/"required"/a tool's name are sent as "auto"."""
+        """Tools go to the server as OpenAI tools (on any model: a chat template that takes none gets
+        them in its system message). tool_choice as ChatOpenAI sends it: "any"/True force a call
+        ("required"), a tool's name forces that tool."""
         formatted = [convert_to_openai_tool(t) for t in tools]
-        if tool_choice == "none" or tool_choice is False:
-            kwargs["tool_choice"] = "none"
-        elif tool_choice is not None:
-            kwargs["tool_choice"] = "auto"
+        if tool_choice is not None:
+            kwargs["tool_choice"] = openai_tool_choice(tool_choice)
         return super().bind(tools=formatted, **kwargs)

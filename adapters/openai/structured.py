@@ -53,10 +53,12 @@ def vllm_constraint(structured_outputs: dict[str, Any] | None) -> StructuredOutp
     return _spec("structured_outputs", **given)
 
 
-def request_constraint(req) -> StructuredOutputs | None:
-    """The one constraint of a chat or completion request, None when it has none."""
+def request_constraint(req, *more: tuple[str, StructuredOutputs | None]) -> StructuredOutputs | None:
+    """The one constraint of a chat or completion request (with `more`: the route's own, such
+    as a forced tool call), None when it has none."""
     try:
         return one_constraint(
+            *more,
             ("response_format", response_format_constraint(req.response_format)),
             ("structured_outputs", vllm_constraint(req.structured_outputs)),
             ("guided_json", None if req.guided_json is None else _spec("guided_json", json=req.guided_json)),

@@ -114,8 +114,12 @@ def test_bind_tools_sends_openai_tools():
         """Apply magic to x."""
         return x
 
-    bound = ChatLightLLM(base_url="http://127.0.0.1:9/v1", model="m").bind_tools([magic], tool_choice="any")
-    assert bound.kwargs["tools"][0]["function"]["name"] == "magic" and bound.kwargs["tool_choice"] == "auto"
+    chat = ChatLightLLM(base_url="http://127.0.0.1:9/v1", model="m")
+    bound = chat.bind_tools([magic], tool_choice="any")
+    assert bound.kwargs["tools"][0]["function"]["name"] == "magic" and bound.kwargs["tool_choice"] == "required"
+    named = {"type": "function", "function": {"name": "magic"}}
+    for given, sent in (("magic", named), (named, named), (True, "required"), ("auto", "auto"), ("none", "none")):
+        assert chat.bind_tools([magic], tool_choice=given).kwargs["tool_choice"] == sent
 
 
 # ---- the LLM class ---------------------------------------------------------------------------
