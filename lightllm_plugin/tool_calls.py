@@ -65,7 +65,8 @@ def _call_tag(tool: dict[str, Any]) -> dict[str, Any]:
     return {
         "type": "tag",
         "begin": f'{TOOL_OPEN}\n{{"name": {name}, "arguments": ',
-        "content": {"type": "json_schema", "json_schema": parameters_schema(tool)},
+        # at most one blank in a row: a small model left free to indent can loop on blanks
+        "content": {"type": "json_schema", "json_schema": parameters_schema(tool), "max_whitespace_cnt": 1},
         "end": f"}}\n{TOOL_CLOSE}",
     }
 

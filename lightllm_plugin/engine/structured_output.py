@@ -119,7 +119,8 @@ class GrammarCompiler:
             return xgr.Grammar.from_json_schema(spec.json, any_whitespace=False,
                                                 strict_mode=spec.disable_additional_properties)
         if kind == "json_object":
-            return xgr.Grammar.builtin_json_grammar()
+            # an object, as OpenAI's json_object promises (the library's builtin JSON grammar takes any value)
+            return xgr.Grammar.from_json_schema('{"type": "object"}', any_whitespace=False, strict_mode=False)
         if kind == "regex":
             return xgr.Grammar.from_regex(spec.regex)
         if kind == "choice":
