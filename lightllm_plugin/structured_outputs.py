@@ -32,13 +32,19 @@ class StructuredOutputs(msgspec.Struct, kw_only=True, omit_defaults=True):
 
     def __post_init__(self) -> None:
         if isinstance(self.json, (dict, bool)):
-            self.json = json.dumps(self.json)
+            try:
+                self.json = json.dumps(self.json)
+            except (TypeError, ValueError):
+                raise ValueError(f"{self.field}: the JSON schema is not JSON") from None
         if isinstance(self.structural_tag, dict):
-            self.structural_tag = json.dumps(self.structural_tag)
+            try:
+                self.structural_tag = json.dumps(self.structural_tag)
+            except (TypeError, ValueError):
+                raise ValueError(f"{self.field}: the structural tag is not JSON") from None
         self.validate()
 
     def kinds(self) -> list[str]:
-        return [k for k in _KINDS if getattr(self, k) not in (None, False)]
+        return [k for k in _KINDS if getattr(self, k) is not None and getattr(self, k) is not False]
 
     @property
     def kind(self) -> str:
@@ -51,6 +57,8 @@ class StructuredOutputs(msgspec.Struct, kw_only=True, omit_defaults=True):
 
     def validate(self) -> None:
         """The checks that need no grammar library; raise ValueError naming the field."""
+        if not isinstance(self.json_object, bool):
+            raise ValueError(f"{self.field}: json_object must be true or false")
         kinds = self.kinds()
         if len(kinds) != 1:
             found = ", ".join(kinds) if kinds else "none"
@@ -69,7 +77,8 @@ class StructuredOutputs(msgspec.Struct, kw_only=True, omit_defaults=True):
             if value is not None and (not isinstance(value, str) or not value):
                 raise ValueError(f"{self.field}: {name} must be a non-empty string")
         if self.choice is not None:
-            if not self.choice or any(not isinstance(c, str) or not c for c in self.choice):
+            if not isinstance(self.choice, list) or not self.choice or any(
+                    not isinstance(c, str) or not c for c in self.choice):
                 raise ValueError(f"{self.field}: choice must be a non-empty list of non-empty strings")
 
 

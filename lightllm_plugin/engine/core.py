@@ -23,7 +23,7 @@ from lightllm_plugin.engine.memory import SlotFreeList
 from lightllm_plugin.engine.outputs import TokenEvent
 from lightllm_plugin.engine.prefix_cache import PrefixCache
 from lightllm_plugin.engine.runner import ModelRunner, StepEntry, TableWrites
-from lightllm_plugin.engine.sampling import PendingSample, SamplerRow, has_penalty
+from lightllm_plugin.engine.sampling import DeferredSample, PendingSample, SamplerRow, has_penalty
 from lightllm_plugin.engine.scheduler import SchedRequest, Scheduler
 from lightllm_plugin.engine.step_plan import PlanSender
 from lightllm_plugin.engine.structured_output import AllowedTokens, GrammarCompiler
@@ -58,6 +58,8 @@ class _LaunchedStep:
 
     order: list[_LiveRequest]  # one per sampled row of the step
     pending: PendingSample | None  # None: nothing sampled (only prompt chunks that are not their last)
+    # queued ahead with a grammar in the batch: the forward only; sampled once the host has the tokens before
+    deferred: DeferredSample | None = None
 
 
 class EngineCore:
@@ -346,6 +348,9 @@ class EngineCore:
             if batch.is_empty():
                 return []
             launched = self._launch_scheduled(batch)
+        elif launched.deferred is not None:
+            # the previous step's tokens are read and taken by the grammars: their masks can be filled
+            launched.pending, launched.deferred = launched.deferred.launch(), None
         self._queued = self._queue_next_decode(launched)
         return self._read_back(launched)
 
@@ -403,7 +408,10 @@ class EngineCore:
         """Queue the decode step that follows `launched` while it still runs, when the host
         already knows that step's batch: nobody waiting to be admitted (the scheduler would
         give exactly the running requests), no penalties (they read the output ids), and a
-        CUDA-graph step. Requests that reach max_new_tokens in `launched` are left out."""
+        CUDA-graph step. Requests that reach max_new_tokens in `launched` are left out. With a
+        grammar in the batch only the forward is queued: the masks need `launched`'s tokens, so
+        the sampling is launched at the next step, once they are read (the host's reading and
+        mask filling still overlap the forward)."""
         if self.scheduler.num_waiting or not self.scheduler.all_prefilled() or launched.pending is None:
             return None
         alive = [(i, live) for i, live in enumerate(launched.order) if self._live.get(live.req_id) is live]
@@ -415,9 +423,8 @@ class EngineCore:
             output_len = len(live.output_ids) + 1  # with the token still on the device
             if output_len >= live.params.max_new_tokens:
                 continue
-            if has_penalty(live.params) or live.sampler.grammar is not None:
-                # penalties read the output ids, a grammar's mask needs the token this step samples
-                return None
+            if has_penalty(live.params):
+                return None  # penalties read the output ids
             rows.append(i)
             order.append(live)
         if not order or not self.runner.can_chain(len(order)):
@@ -431,8 +438,13 @@ class EngineCore:
         if len(rows) != len(launched.order):
             tokens = tokens[torch.tensor(rows, dtype=torch.long, pin_memory=True).to(tokens.device, non_blocking=True)]
         self.steps_queued_ahead += 1
-        return _LaunchedStep(order, self.runner.launch(entries, chained_ids=tokens,
-                                                       table_writes=self._take_table_writes()))
+        # a grammar's mask needs the token `launched` samples: only the forward is queued now
+        constrained = any(live.sampler.grammar is not None for live in order)
+        result = self.runner.launch(entries, chained_ids=tokens, table_writes=self._take_table_writes(),
+                                    defer_sampling=constrained)
+        if constrained:
+            return _LaunchedStep(order, None, deferred=result)
+        return _LaunchedStep(order, result)
 
     def _read_back(self, launched: _LaunchedStep) -> list[TokenEvent]:
         if launched.pending is None:

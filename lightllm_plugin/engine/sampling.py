@@ -117,6 +117,17 @@ class PendingSample:
         return SampleResult(token_list, chosen_list, tops)
 
 
+class DeferredSample:
+    """A step's logits whose sampling waits for the host: a grammar's mask for this step needs the
+    token the step before sampled, which a step queued ahead of the host does not know yet."""
+
+    def __init__(self, logits: torch.Tensor, rows: list[SamplerRow], default_generator: torch.Generator):
+        self.logits, self.rows, self.default_generator = logits, rows, default_generator
+
+    def launch(self) -> PendingSample:
+        return launch_sample(self.logits, self.rows, self.default_generator)
+
+
 def sample(logits: torch.Tensor, rows: list[SamplerRow], default_generator: torch.Generator) -> SampleResult:
     """Sample and wait for the result."""
     return launch_sample(logits, rows, default_generator).result()

@@ -46,7 +46,8 @@ class RequestGrammar:
         self._matcher = matcher
 
     def fill(self, bitmask: torch.Tensor, row: int) -> None:
-        self._matcher.fill_next_token_bitmask(bitmask, row)
+        if not self._matcher.is_terminated():  # else finished: a step queued ahead samples it, then drops it
+            self._matcher.fill_next_token_bitmask(bitmask, row)
 
     def accept(self, token: int) -> bool:
         return self._matcher.accept_token(token)
