@@ -467,6 +467,16 @@ def chat_chunk(event: dict) -> ChatGenerationChunk | None:
     return ChatGenerationChunk(message=message, generation_info=info)
 
 
+def openai_tool_choice(tool_choice: dict | str | bool) -> dict | str:
+    if tool_choice is False or tool_choice == "none":
+        return "none"
+    if tool_choice is True or tool_choice in ("any", "required"):
+        return "required"
+    if tool_choice == "auto" or isinstance(tool_choice, dict):
+        return tool_choice
+    return {"type": "function", "function": {"name": tool_choice}}
+
+
 class ChatLightLLM(_LightLLMCommon, BaseChatModel):
     """A chat model served by lightllm-plugin (/v1/chat/completions), tools included."""
 
@@ -534,15 +544,59 @@ class ChatLightLLM(_LightLLMCommon, BaseChatModel):
         tool_choice: dict | str | Literal["auto", "none", "any", "required"] | bool | None = None,
         **kwargs: Any,
     ) -> Runnable[LanguageModelInput, AIMessage]:
-        """Tools go to the server as OpenAI tools (the model's chat template must take them).
-        The server cannot force a call: "any"/"required"/a tool's name are sent as "auto"."""
+        """Tools go to the server as OpenAI tools (on any model: a chat template that takes none gets
+        them in its system message). tool_choice as ChatOpenAI sends it: "any"/True force a call
+        ("required"), a tool's name forces that tool."""
         formatted = [convert_to_openai_tool(t) for t in tools]
-        if tool_choice == "none" or tool_choice is False:
-            kwargs["tool_choice"] = "none"
-        elif tool_choice is not None:
-            kwargs["tool_choice"] = "auto"
+        if tool_choice is not None:
+            kwargs["tool_choice"] = openai_tool_choice(tool_choice)
         return super().bind(tools=formatted, **kwargs)
 
+    def with_structured_output(
+        self,
+        schema: dict | type,
+        *,
+        method: Literal["function_calling", "json_schema", "json_mode"] = "json_schema",
+        include_raw: bool = False,
+        strict: bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, dict | BaseModel]:
+        """The answer as `schema` (a pydantic class gives an instance, else a dict), held to it by the
+        server's grammar: "json_schema" (the default, as ChatOpenAI's) sends it as response_format
+        json_schema, "function_calling" forces a call of one tool made from it, "json_mode" sends
+        response_format json_object (the prompt must then ask for JSON)."""
+        from operator import itemgetter
+
+        from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser
+        from langchain_core.output_parsers.openai_tools import JsonOutputKeyToolsParser, PydanticToolsParser
+        from langchain_core.runnables import RunnableMap, RunnablePassthrough
+        from langchain_core.utils.function_calling import convert_to_json_schema
+
+        if kwargs:
+            raise ValueError(f"Received unsupported arguments {kwargs}")
+        is_model = isinstance(schema, type) and issubclass(schema, BaseModel)
+        traced = {"kwargs": {"method": method}, "schema": schema}
+        if method == "function_calling":
+            name = convert_to_openai_tool(schema)["function"]["name"]
+            llm = self.bind_tools([schema], tool_choice=name, ls_structured_output_format=traced)
+            parser = (PydanticToolsParser(tools=[schema], first_tool_only=True) if is_model
+                      else JsonOutputKeyToolsParser(key_name=name, first_tool_only=True))
+        elif method in ("json_schema", "json_mode"):
+            if method == "json_schema":
+                json_schema = convert_to_json_schema(schema)
+                response_format = {"type": "json_schema", "json_schema": {
+                    "name": json_schema.get("title", "output"), "schema": json_schema, "strict": strict}}
+            else:
+                response_format = {"type": "json_object"}
+            llm = self.bind(response_format=response_format, ls_structured_output_format=traced)
+            parser = PydanticOutputParser(pydantic_object=schema) if is_model else JsonOutputParser()
+        else:
+            raise ValueError(f"method must be 'function_calling', 'json_schema' or 'json_mode', got {method!r}")
+        if not include_raw:
+            return llm | parser
+        parsed = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser, parsing_error=lambda _: None)
+        unparsed = RunnablePassthrough.assign(parsed=lambda _: None)
+        return RunnableMap(raw=llm) | parsed.with_fallbacks([unparsed], exception_key="parsing_error")
 
 # the embeddings live in their own module; importable from here beside the chat model
 from .langchain_embeddings import LightLLMEmbeddings  # noqa: E402,F401

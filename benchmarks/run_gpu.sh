@@ -3,7 +3,7 @@
 # int8 KV benchmarks, each under its own time limit so one failure does not cost the others.
 # Logs go to $OUT (or ./gpu_logs); the tables are printed again at the end.
 # Usage: benchmarks/run_gpu.sh [tests] [default] [latency] [llama] [qwen] [serving] [int8]
-#        [prefix] [chunks] [chat] [before_after] [moe]   (default: all)
+#        [prefix] [chunks] [chat] [structured] [before_after] [moe]   (default: all but structured)
 # before_after times the offline throughput of the tree in $OLD_TREE (installed in $OLD_SITE)
 # against this one: a workload without sharing, where the prefix cache may only cost.
 # `default` needs the default model's GGUF in $LIGHTLLM_PLUGIN_CACHE (the GPU machine has no network).
@@ -32,6 +32,7 @@ for part in $parts; do
         int8) run int8 300 python benchmarks/int8_kv.py --shape llama3-8b ;;
         prefix) run prefix 200 python benchmarks/prefix_cache.py --workload shared --device cuda --shape llama8b ;;
         chunks) run chunks 300 python benchmarks/prefix_cache.py --workload longprompt --device cuda --shape llama8b --chunk_sizes 256,512,1024,2048 ;;
+        structured) run structured 150 python benchmarks/structured_output.py --tokenizer "$TOKENIZER_DIR" --repeats 3 ;;
         chat) run chat 240 python benchmarks/prefix_cache.py --workload multiturn --device cuda --shape llama1b ;;
         before_after)
             run before 200 env PYTHONPATH="$OLD_SITE" python "$OLD_TREE/benchmarks/offline_throughput.py" --shape llama3-8b --skip-hf

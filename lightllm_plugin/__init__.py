@@ -13,8 +13,12 @@ os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 from lightllm_plugin.config import EngineConfig  # noqa: E402
 from lightllm_plugin.sampling_params import SamplingParams  # noqa: E402
+from lightllm_plugin.structured_outputs import StructuredOutputs  # noqa: E402
 
-__all__ = ["LLM", "SamplingParams", "EngineConfig", "RequestOutput", "CompletionOutput"]
+StructuredOutputsParams = StructuredOutputs  # vLLM's name
+
+__all__ = ["LLM", "SamplingParams", "StructuredOutputs", "StructuredOutputsParams", "EngineConfig",
+           "RequestOutput", "CompletionOutput"]
 __version__ = "0.1.0"
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from lightllm_plugin.tool_calls import with_tools_in_system_message
+
 # apply_chat_template's own parameters. Given in chat_template_kwargs they would not be template
 # variables but would replace the model's template (a client's Jinja, rendered in the sandbox
 # but free to loop for minutes in the tokenizer process) or change what rendering returns.
@@ -33,14 +35,15 @@ def render_chat(
 ) -> tuple[str, list[int]]:
     """A conversation rendered by the model's own chat template, as text and token ids (in
     transformers' sandboxed Jinja environment). A ValueError names the field at fault: no
-    messages, no template, tools the template would drop, a `chat_template_kwargs` key that
+    messages, no template, a `chat_template_kwargs` key that
     is a rendering option rather than a template variable, a conversation it cannot render."""
     if not messages:
         raise ValueError("messages must not be empty")
     if getattr(tokenizer, "chat_template", None) is None:
         raise ValueError("messages: this model has no chat template; send the prompt as text instead")
     if tools and not template_takes_tools(tokenizer.chat_template):
-        raise ValueError("tools: this model's chat template does not take tools")
+        # the template would drop them: they go into the system message (lightllm_plugin/tool_calls.py)
+        messages, tools = with_tools_in_system_message(messages, tools), None
     overriding = sorted(RENDER_OPTIONS.intersection(chat_template_kwargs or {}))
     if overriding:
         raise ValueError(

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import msgspec
 
+from lightllm_plugin.structured_outputs import StructuredOutputs
+
 _INT32_MAX = 2**31 - 1  # counts and ids beyond this cannot cross a socket or reach a tensor
 
 
@@ -57,6 +59,9 @@ class SamplingParams(msgspec.Struct, kw_only=True):
     # vLLM's names for max_new_tokens / min_new_tokens, so vLLM code runs unchanged
     max_tokens: int | None = None
     min_tokens: int | None = None
+    # the output is held to this constraint while sampling (a dict is read as StructuredOutputs)
+    structured_outputs: StructuredOutputs | None = None
+    allowed_token_ids: list[int] | None = None  # only these tokens may be sampled (LightLLM's, vLLM's)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -65,6 +70,8 @@ class SamplingParams(msgspec.Struct, kw_only=True):
             self.max_new_tokens, self.max_tokens = self.max_tokens, None
         if self.min_tokens is not None:
             self.min_new_tokens, self.min_tokens = self.min_tokens, None
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputs(**self.structured_outputs)
         self.validate()
 
     @property
@@ -113,3 +120,12 @@ class SamplingParams(msgspec.Struct, kw_only=True):
             raise ValueError("cache_salt must be a non-empty string of at most 1024 characters")
         if any(not isinstance(t, int) or not 0 <= t <= _INT32_MAX for t in self.stop_token_ids):
             raise ValueError("stop_token_ids must be non-negative 32-bit integers")
+        if self.allowed_token_ids is not None:
+            if not self.allowed_token_ids or any(
+                    not isinstance(t, int) or not 0 <= t <= _INT32_MAX for t in self.allowed_token_ids):
+                raise ValueError("allowed_token_ids must be a non-empty list of token ids")
+            if self.structured_outputs is not None:
+                raise ValueError(f"allowed_token_ids and {self.structured_outputs.field}: "
+                                 "a request takes one output constraint, got 2")
+        if self.structured_outputs is not None:
+            self.structured_outputs.validate()

@@ -11,6 +11,7 @@ from fastapi.responses import Response
 from lightllm_plugin.sampling_params import SamplingParams
 from lightllm_plugin.server.http_util import openai_error
 from lightllm_plugin.server.protocol import TokenOutput
+from lightllm_plugin.structured_outputs import StructuredOutputs
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
@@ -77,6 +78,15 @@ class _Request(msgspec.Struct, kw_only=True):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool | None = None
     cache_salt: str | None = None  # requests with different salts never share prefix-cache KV
+    # output constraints (adapters/openai/structured.py): OpenAI's, then vLLM's
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: Any = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None  # vLLM's; one backend here (xgrammar): ignored
+    allowed_token_ids: list[int] | None = None
 
 
 class CompletionRequest(_Request, kw_only=True):
@@ -92,7 +102,6 @@ class ChatRequest(_Request, kw_only=True):
     max_completion_tokens: int | None = None
     logprobs: bool | None = False
     top_logprobs: int | None = None
-    response_format: dict[str, Any] | None = None
     tools: list[Any] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
@@ -107,7 +116,8 @@ def value_or(value, default):
     return default if value is None else value
 
 
-def sampling_params(req: _Request, *, max_tokens: int, logprobs: int | None, renames: dict[str, str]) -> SamplingParams:
+def sampling_params(req: _Request, *, max_tokens: int, logprobs: int | None, renames: dict[str, str],
+                    constraint: StructuredOutputs | None = None) -> SamplingParams:
     if req.logit_bias:
         raise ApiError(400, "logit_bias is not supported", "logit_bias")
     if req.stream_options is not None and not req.stream:
@@ -133,6 +143,8 @@ def sampling_params(req: _Request, *, max_tokens: int, logprobs: int | None, ren
             logprobs=None if logprobs is None else max(1, logprobs),
             skip_special_tokens=value_or(req.skip_special_tokens, True),
             cache_salt=req.cache_salt,
+            structured_outputs=constraint,
+            allowed_token_ids=req.allowed_token_ids,
         )
     except ValueError as exc:
         raise invalid(str(exc), renames=renames) from None

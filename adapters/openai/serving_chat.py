@@ -10,6 +10,8 @@ from fastapi.responses import Response
 
 from lightllm_plugin.config import EngineConfig
 from lightllm_plugin.server.protocol import TokenOutput
+from lightllm_plugin.structured_outputs import StructuredOutputs
+from lightllm_plugin.tool_calls import tool_call_constraint
 
 from .protocol import (
     ROLES,
@@ -21,6 +23,7 @@ from .protocol import (
 )
 from .serving import OpenAIServer
 from .streaming import Job, Outputs, collect, respond
+from .structured import request_constraint
 from .tool_parsers import DEFAULT_TOOL_PARSER, TOOL_PARSERS, parse_tool_calls
 
 
@@ -77,16 +80,41 @@ def check_tools(tools: list[Any]) -> None:
             raise ApiError(400, f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ...}}}}", "tools")
 
 
+def chat_tools(req: ChatRequest) -> tuple[list[Any] | None, StructuredOutputs | None]:
+    """The tools the prompt shows, and the grammar of a forced call: tool_choice "required" (one
+    or more calls of the tools) or {"type": "function", "function": {"name": ...}} (that one)."""
+    tool_choice = value_or(req.tool_choice, "auto")
+    if tool_choice == "none" or not req.tools:
+        if tool_choice not in ("none", "auto"):
+            raise ApiError(400, "tool_choice forces a call but the request has no tools", "tool_choice")
+        return None, None
+    check_tools(req.tools)
+    if tool_choice == "auto":
+        return req.tools, None
+    if tool_choice == "required":
+        name = "required"
+    else:
+        function = tool_choice.get("function") if isinstance(tool_choice, dict) else None
+        name = function.get("name") if isinstance(function, dict) else None
+        if not isinstance(tool_choice, dict) or tool_choice.get("type", "function") != "function" or not isinstance(name, str):
+            raise ApiError(400, "tool_choice must be 'none', 'auto', 'required' or "
+                                "{'type': 'function', 'function': {'name': ...}}", "tool_choice")
+        if name not in {t["function"]["name"] for t in req.tools}:
+            raise ApiError(400, f"tool_choice names the function {name!r}, which is not in tools", "tool_choice")
+    # a forced answer is one call unless the client asks for several: left free to go on, a small
+    # model tends to call again and again until max_tokens
+    parallel = req.parallel_tool_calls is True
+    try:
+        return req.tools, tool_call_constraint(req.tools, name, field="tools", parallel=parallel)
+    except ValueError as exc:
+        raise ApiError(400, str(exc), "tools") from None
+
+
 def check_response_format(response_format: dict[str, Any] | None, messages: list[dict[str, Any]]) -> None:
-    """json_object is accepted as OpenAI accepts it (the conversation must ask for JSON);
-    the output itself is not constrained."""
-    if response_format is None:
+    """json_object is accepted as OpenAI accepts it: the conversation must ask for JSON (the
+    output is then held to JSON by structured.py's constraint)."""
+    if response_format is None or response_format.get("type") != "json_object":
         return
-    kind = response_format.get("type")
-    if kind == "text":
-        return
-    if kind != "json_object":
-        raise ApiError(400, f"response_format.type must be 'text' or 'json_object', got {kind!r}", "response_format")
     if not any("json" in m["content"].lower() for m in messages if isinstance(m.get("content"), str)):
         raise ApiError(
             400, "'messages' must contain the word 'json' in some form to use response_format json_object", "messages"
@@ -96,12 +124,7 @@ def check_response_format(response_format: dict[str, Any] | None, messages: list
 def chat_job(req: ChatRequest, config: EngineConfig) -> Job:
     messages = chat_messages(req.messages)
     check_response_format(req.response_format, messages)
-    tool_choice = value_or(req.tool_choice, "auto")
-    if tool_choice not in ("auto", "none"):
-        raise ApiError(400, "tool_choice must be 'auto' or 'none' (forcing a call is not supported)", "tool_choice")
-    tools = req.tools if req.tools and tool_choice == "auto" else None
-    if tools:
-        check_tools(tools)
+    tools, forced = chat_tools(req)
     if req.top_logprobs is not None and not req.logprobs:
         raise ApiError(400, "top_logprobs needs logprobs set to true", "top_logprobs")
     max_name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
@@ -110,7 +133,8 @@ def chat_job(req: ChatRequest, config: EngineConfig) -> Job:
     room = config.max_req_total_len - config.max_req_input_len
     max_tokens = value_or(req.max_completion_tokens, value_or(req.max_tokens, room))
     logprobs = value_or(req.top_logprobs, 0) if req.logprobs else None
-    params = sampling_params(req, max_tokens=max_tokens, logprobs=logprobs, renames=renames)
+    params = sampling_params(req, max_tokens=max_tokens, logprobs=logprobs, renames=renames,
+                             constraint=request_constraint(req, ("tool_choice", forced)))
     prompt = {
         "messages": messages, "tools": tools, "chat_template_kwargs": req.chat_template_kwargs, "field": "messages"
     }

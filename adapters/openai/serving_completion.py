@@ -12,6 +12,7 @@ from lightllm_plugin.server.protocol import TokenOutput
 from .protocol import ApiError, CompletionRequest, sampling_params, token_strings, value_or
 from .serving import OpenAIServer
 from .streaming import Job, Outputs, collect, respond
+from .structured import request_constraint
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
@@ -47,7 +48,8 @@ def completion_job(req: CompletionRequest) -> Job:
         echo = [p["prompt"] for p in prompts]
     renames = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}
     max_tokens = value_or(req.max_tokens, DEFAULT_MAX_TOKENS)
-    params = sampling_params(req, max_tokens=max_tokens, logprobs=req.logprobs, renames=renames)
+    params = sampling_params(req, max_tokens=max_tokens, logprobs=req.logprobs, renames=renames,
+                             constraint=request_constraint(req))
     return Job(
         prompts=prompts,
         params=params,

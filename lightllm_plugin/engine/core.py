@@ -11,6 +11,9 @@ used slots == the cache's slots + the private slots of live requests, after ever
 from __future__ import annotations
 
 import itertools
+import logging
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 
 import torch
@@ -20,12 +23,15 @@ from lightllm_plugin.engine.memory import SlotFreeList
 from lightllm_plugin.engine.outputs import PoolingEvent, TokenEvent
 from lightllm_plugin.engine.prefix_cache import PrefixCache
 from lightllm_plugin.engine.runner import ModelRunner, StepEntry, TableWrites
-from lightllm_plugin.engine.sampling import PendingSample, SamplerRow, has_penalty
+from lightllm_plugin.engine.sampling import DeferredSample, PendingSample, SamplerRow, has_penalty
 from lightllm_plugin.engine.scheduler import SchedRequest, Scheduler
 from lightllm_plugin.engine.step_plan import PlanSender
+from lightllm_plugin.engine.structured_output import AllowedTokens, GrammarCompiler
 from lightllm_plugin.models.loader import InMemoryCheckpoint
 from lightllm_plugin.models.tensor_parallel import TPGroup
 from lightllm_plugin.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -40,6 +46,11 @@ class _LiveRequest:
     slots: list[int] = field(default_factory=list)
     output_ids: list[int] = field(default_factory=list)
     pooled_sum: torch.Tensor | None = None  # mean pooling: the hidden states of the chunks so far
+    grammar_pending: Future | None = None  # its grammar, still compiling: not scheduled yet
+
+
+# how long a step with nothing else to run waits for a compiling grammar before it returns
+_GRAMMAR_WAIT_S = 0.01
 
 
 @dataclass
@@ -48,6 +59,8 @@ class _LaunchedStep:
 
     order: list[_LiveRequest]  # one per sampled row of the step
     pending: PendingSample | None  # None: nothing sampled (only prompt chunks that are not their last)
+    # queued ahead with a grammar in the batch: the forward only; sampled once the host has the tokens before
+    deferred: DeferredSample | None = None
 
 
 class EngineCore:
@@ -102,6 +115,8 @@ class EngineCore:
         self._auto_ids = itertools.count(1 << 40)
         self._queued: _LaunchedStep | None = None  # a decode step queued ahead of the host
         self.steps_queued_ahead = 0
+        self._grammar_compiler: GrammarCompiler | None = None  # built at the first constrained request
+        self._compiling: dict[int, _LiveRequest] = {}  # requests whose grammar is not compiled yet
 
     def _eos_ids(self) -> list[int]:
         ids = list(self.model_cfg.eos_token_ids)
@@ -170,6 +185,20 @@ class EngineCore:
             raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
         if params.n != 1:
             raise ValueError("EngineCore takes n=1 requests; expand n into separate requests")
+        if params.structured_outputs is not None:
+            self._grammars().check(params.structured_outputs)
+        if params.allowed_token_ids is not None:
+            bad = next((t for t in params.allowed_token_ids if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise ValueError(f"allowed_token_ids: token id {bad} is outside the vocabulary [0, {vocab})")
+
+    def _grammars(self) -> GrammarCompiler:
+        if self._grammar_compiler is None:
+            if self.tokenizer is None:
+                raise ValueError("structured_outputs needs the model's tokenizer; this engine has none")
+            self._grammar_compiler = GrammarCompiler(self.tokenizer, self.model_cfg.vocab_size,
+                                                     self.config.resolved_eos_ids)
+        return self._grammar_compiler
 
     def add_request(self, req_id: int, prompt_ids: list[int], params: SamplingParams) -> None:
         if req_id in self._live:
@@ -187,14 +216,48 @@ class EngineCore:
         sampler = SamplerRow(params, prompt_ids, [], generator, [])
         live = _LiveRequest(req_id, prompt_ids, params, sched, sampler, frozenset(stop_ids))
         live.sampler.output_ids = live.output_ids
-        self.scheduler.add(sched)
         self._live[req_id] = live
+        if params.allowed_token_ids is not None:
+            live.sampler.grammar = AllowedTokens(params.allowed_token_ids, self.model_cfg.vocab_size)
+        if params.structured_outputs is not None:
+            live.grammar_pending = self._grammars().submit(params.structured_outputs)
+            self._compiling[req_id] = live
+            self._schedule_compiled()
+        else:
+            self.scheduler.add(sched)
+
+    def _schedule_compiled(self, wait_s: float = 0.0) -> None:
+        """Hand the requests whose grammar has compiled to the scheduler; with wait_s, wait up to
+        that long for the first one when nothing else could run."""
+        for req_id, live in list(self._compiling.items()):
+            future = live.grammar_pending
+            if not future.done() and wait_s > 0:
+                try:
+                    future.result(timeout=wait_s)
+                except FutureTimeout:
+                    pass
+                except Exception:
+                    pass  # reported below
+                wait_s = 0.0
+            if not future.done():
+                continue
+            del self._compiling[req_id]
+            live.grammar_pending = None
+            try:
+                live.sampler.grammar = self._grammars().matcher(future.result())
+            except Exception:
+                # check() parsed the spec already: a compilation that still fails is a library fault
+                logger.exception("the grammar of request %d did not compile; aborting it", req_id)
+                self.abort(req_id)
+                continue
+            self.scheduler.add(live.sched)
 
     def abort(self, req_id: int) -> bool:
         """Drop a request now; its KV slots return to the free-list at once."""
         live = self._live.pop(req_id, None)
         if live is None:
             return False
+        self._compiling.pop(req_id, None)
         self._release(live)
         return True
 
@@ -282,6 +345,9 @@ class EngineCore:
         one token too many computed in the queued step; that token is dropped, and its KV slot
         freed with the others.
         """
+        if self._compiling:
+            idle = self._queued is None and not self.scheduler.num_running and not self.scheduler.num_waiting
+            self._schedule_compiled(_GRAMMAR_WAIT_S if idle else 0.0)
         launched, self._queued = self._queued, None
         if launched is None:
             batch = self.scheduler.schedule()
@@ -290,6 +356,9 @@ class EngineCore:
             if self.pooler is not None:
                 return self._pooling_step(batch)
             launched = self._launch_scheduled(batch)
+        elif launched.deferred is not None:
+            # the previous step's tokens are read and taken by the grammars: their masks can be filled
+            launched.pending, launched.deferred = launched.deferred.launch(), None
         self._queued = self._queue_next_decode(launched)
         return self._read_back(launched)
 
@@ -382,7 +451,10 @@ class EngineCore:
         """Queue the decode step that follows `launched` while it still runs, when the host
         already knows that step's batch: nobody waiting to be admitted (the scheduler would
         give exactly the running requests), no penalties (they read the output ids), and a
-        CUDA-graph step. Requests that reach max_new_tokens in `launched` are left out."""
+        CUDA-graph step. Requests that reach max_new_tokens in `launched` are left out. With a
+        grammar in the batch only the forward is queued: the masks need `launched`'s tokens, so
+        the sampling is launched at the next step, once they are read (the host's reading and
+        mask filling still overlap the forward)."""
         if self.scheduler.num_waiting or not self.scheduler.all_prefilled() or launched.pending is None:
             return None
         alive = [(i, live) for i, live in enumerate(launched.order) if self._live.get(live.req_id) is live]
@@ -395,7 +467,7 @@ class EngineCore:
             if output_len >= live.params.max_new_tokens:
                 continue
             if has_penalty(live.params):
-                return None
+                return None  # penalties read the output ids
             rows.append(i)
             order.append(live)
         if not order or not self.runner.can_chain(len(order)):
@@ -409,8 +481,13 @@ class EngineCore:
         if len(rows) != len(launched.order):
             tokens = tokens[torch.tensor(rows, dtype=torch.long, pin_memory=True).to(tokens.device, non_blocking=True)]
         self.steps_queued_ahead += 1
-        return _LaunchedStep(order, self.runner.launch(entries, chained_ids=tokens,
-                                                       table_writes=self._take_table_writes()))
+        # a grammar's mask needs the token `launched` samples: only the forward is queued now
+        constrained = any(live.sampler.grammar is not None for live in order)
+        result = self.runner.launch(entries, chained_ids=tokens, table_writes=self._take_table_writes(),
+                                    defer_sampling=constrained)
+        if constrained:
+            return _LaunchedStep(order, None, deferred=result)
+        return _LaunchedStep(order, result)
 
     def _read_back(self, launched: _LaunchedStep) -> list[TokenEvent]:
         if launched.pending is None:
@@ -424,6 +501,11 @@ class EngineCore:
             live.output_ids.append(token)
             live.sched.output_len = len(live.output_ids)
             reason = self._finish_reason(live, token)
+            grammar = live.sampler.grammar
+            if grammar is not None and reason is None and (not grammar.accept(token) or grammar.terminated):
+                # the grammar is complete (its stop token was sampled under ignore_eos, or it takes
+                # nothing more), or the token broke it (only a fault could sample a masked token)
+                reason = "stop"
             events.append(
                 TokenEvent(
                     req_id=live.req_id,

@@ -21,6 +21,7 @@ from lightllm_plugin.engine.memory import (
 )
 from lightllm_plugin.engine.req_table import ReqTable
 from lightllm_plugin.engine.sampling import (
+    DeferredSample,
     PendingSample,
     SamplerRow,
     launch_sample,
@@ -373,10 +374,13 @@ class ModelRunner:
         entries: list[StepEntry],
         chained_ids: torch.Tensor | None = None,
         table_writes: TableWrites | None = None,
-    ) -> PendingSample | None:
+        defer_sampling: bool = False,
+    ) -> PendingSample | DeferredSample | None:
         """Queue one step (forward + sampling of the entries that have a sampler) without waiting
         for it; None when no entry samples. `chained_ids` ([B] on the device) are the input ids of a
-        decode step whose previous tokens are not on the host yet."""
+        decode step whose previous tokens are not on the host yet. With defer_sampling only the
+        forward is queued; the caller launches the sampling (DeferredSample.launch) before the
+        next step, once the grammars have taken the previous tokens."""
         if self.can_chain(len(entries)) and all(len(e.input_ids) == 1 and e.sampler is not None for e in entries):
             if table_writes:
                 self._write_table(table_writes)
@@ -393,7 +397,10 @@ class ModelRunner:
             return None
         if len(sampled) < len(entries):
             logits = logits[torch.tensor(sampled, device=logits.device)]
-        return launch_sample(logits, [entries[i].sampler for i in sampled], self.generator)
+        rows = [entries[i].sampler for i in sampled]
+        if defer_sampling:
+            return DeferredSample(logits, rows, self.generator)
+        return launch_sample(logits, rows, self.generator)
 
     def _write_table(self, writes: TableWrites) -> None:
         """req_to_token entries written ahead of a CUDA-graph step (the graph writes only its own)."""

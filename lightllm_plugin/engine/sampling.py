@@ -1,6 +1,6 @@
 """Token sampling on the device for a whole batch, one row per request.
 
-Order: penalties -> min_new_tokens stop masking -> greedy argmax, or temperature ->
+Order: penalties -> min_new_tokens stop masking -> the grammar's token mask -> greedy argmax, or temperature ->
 top_k -> top_p -> min_p -> exponential-race sampling. Logprobs are reported from
 the raw model distribution (as vLLM does by default), not the processed one.
 Seeded requests draw their noise from their own generator, so the same seed gives
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lightllm_plugin.engine.structured_output import apply_token_bitmask, fill_bitmask
 from lightllm_plugin.sampling_params import SamplingParams
 
 
@@ -23,6 +24,8 @@ class SamplerRow:
     output_ids: list[int]
     generator: torch.Generator | None
     blocked_ids: list[int]  # stop/eos ids masked while min_new_tokens is not reached
+    # structured outputs: fills this row's token bitmask (engine/structured_output.py), or None
+    grammar: object | None = None
 
 
 @dataclass
@@ -62,6 +65,12 @@ def _device_tensor(values: list, dtype: torch.dtype, device: torch.device) -> to
     if device.type != "cuda":
         return torch.tensor(values, dtype=dtype, device=device)
     return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 class PendingSample:
@@ -108,6 +117,17 @@ class PendingSample:
         return SampleResult(token_list, chosen_list, tops)
 
 
+class DeferredSample:
+    """A step's logits whose sampling waits for the host: a grammar's mask for this step needs the
+    token the step before sampled, which a step queued ahead of the host does not know yet."""
+
+    def __init__(self, logits: torch.Tensor, rows: list[SamplerRow], default_generator: torch.Generator):
+        self.logits, self.rows, self.default_generator = logits, rows, default_generator
+
+    def launch(self) -> PendingSample:
+        return launch_sample(self.logits, self.rows, self.default_generator)
+
+
 def sample(logits: torch.Tensor, rows: list[SamplerRow], default_generator: torch.Generator) -> SampleResult:
     """Sample and wait for the result."""
     return launch_sample(logits, rows, default_generator).result()
@@ -123,13 +143,17 @@ def launch_sample(logits: torch.Tensor, rows: list[SamplerRow], default_generato
     want_logprobs = [r.params.logprobs for r in rows]
     raw_logprobs = torch.log_softmax(logits, dim=-1) if any(k is not None for k in want_logprobs) else None
 
-    if any(r.blocked_ids or has_penalty(r.params) for r in rows):
+    # filled on the host now: each grammar has taken the row's previous token
+    bitmask = fill_bitmask([r.grammar for r in rows], logits.shape[1])
+    if bitmask is not None or any(r.blocked_ids or has_penalty(r.params) for r in rows):
         # CUDA-graph logits live in a static buffer: edit a copy
         logits = logits.clone()
         _apply_penalties(logits, rows)
         for i, row in enumerate(rows):
             if row.blocked_ids:
                 logits[i, row.blocked_ids] = float("-inf")
+        if bitmask is not None:
+            apply_token_bitmask(logits, _to_device(bitmask, device))
 
     tokens = logits.argmax(dim=-1)
     greedy = [r.params.greedy for r in rows]

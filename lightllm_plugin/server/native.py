@@ -27,6 +27,7 @@ from lightllm_plugin.server.http_util import (
     read_json_body,
 )
 from lightllm_plugin.server.protocol import TokenOutput
+from lightllm_plugin.structured_outputs import StructuredOutputs, one_constraint
 
 
 class NativeParameters(msgspec.Struct, kw_only=True):
@@ -46,6 +47,11 @@ class NativeParameters(msgspec.Struct, kw_only=True):
     return_details: bool | None = None
     skip_special_tokens: bool | None = None
     cache_salt: str | None = None  # requests with different salts never share prefix-cache KV
+    # LightLLM's output constraints: at most one
+    guided_json: Any = None  # a JSON schema (object or its text)
+    regular_constraint: str | None = None  # a regex
+    guided_grammar: str | None = None  # EBNF
+    allowed_token_ids: list[int] | None = None
 
 
 class NativeRequest(msgspec.Struct, kw_only=True):
@@ -67,6 +73,14 @@ def to_sampling_params(p: NativeParameters) -> SamplingParams:
         return default if value is None else value
 
     stops = p.stop_sequences
+    constraint = one_constraint(
+        ("guided_json", None if p.guided_json is None
+         else StructuredOutputs(json=p.guided_json, field="parameters.guided_json")),
+        ("regular_constraint", None if p.regular_constraint is None
+         else StructuredOutputs(regex=p.regular_constraint, field="parameters.regular_constraint")),
+        ("guided_grammar", None if p.guided_grammar is None
+         else StructuredOutputs(grammar=p.guided_grammar, field="parameters.guided_grammar")),
+    )
     params = SamplingParams(
         n=pick(p.n, 1),
         temperature=pick(p.temperature, 1.0),
@@ -83,6 +97,8 @@ def to_sampling_params(p: NativeParameters) -> SamplingParams:
         logprobs=0,  # LightLLM reports each token's logprob
         skip_special_tokens=pick(p.skip_special_tokens, True),
         cache_salt=p.cache_salt,
+        structured_outputs=constraint,
+        allowed_token_ids=p.allowed_token_ids,
     )
     if not p.do_sample:
         params = msgspec.structs.replace(params, temperature=0.0)
@@ -126,7 +142,8 @@ async def _parse(request: Request) -> tuple[dict[str, Any], SamplingParams, bool
     try:
         params = to_sampling_params(parameters)
     except ValueError as exc:
-        raise BadRequest(400, f"parameters.{exc}") from None
+        message = str(exc)
+        raise BadRequest(400, message if message.startswith("parameters.") else f"parameters.{message}") from None
     prompt = {"prompt": body.inputs} if body.inputs is not None else {"messages": body.messages}
     return prompt, params, bool(parameters.return_details)
 

@@ -15,7 +15,7 @@ import msgspec
 import zmq
 
 from lightllm_plugin import ipc
-from lightllm_plugin.chat_template import render_chat
+from lightllm_plugin.chat_template import render_chat, template_takes_tools
 from lightllm_plugin.config import EngineConfig
 from lightllm_plugin.sampling_params import SamplingParams
 from lightllm_plugin.server import child_process
@@ -29,6 +29,7 @@ from lightllm_plugin.server.protocol import (
     decoder_for,
     encoder,
 )
+from lightllm_plugin.tool_calls import tool_call_constraint
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +87,10 @@ def handle(tokenizer, req: TokenizeRequest, config: EngineConfig) -> list[AddReq
         ids, params = fit_prompt(
             encode_prompt(tokenizer, req), req.params, config, req.field, req.lower_max_new_tokens
         )
+        if req.tools and req.messages is not None and not template_takes_tools(tokenizer.chat_template) and (
+                params.structured_outputs is None and params.allowed_token_ids is None):
+            # tool_choice auto, the tools in the system message: free text, or calls in the format it asks for
+            params = msgspec.structs.replace(params, structured_outputs=tool_call_constraint(req.tools, "auto"))
         return expand_samples(msgspec.structs.replace(req, params=params), ids)
     except ValueError as exc:
         return RequestError(req_ids=req.req_ids, message=str(exc))

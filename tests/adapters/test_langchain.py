@@ -30,8 +30,7 @@ def server(default_server):
 
 
 class ChatLightLLMCapabilities:
-    """What both standard suites are told about ChatLightLLM (the integration suite turns its
-    tool tests off below: they need a model whose template takes tools)."""
+    """What both standard suites are told about ChatLightLLM."""
 
     @property
     def chat_model_class(self):
@@ -63,31 +62,51 @@ class TestChatLightLLMIntegration(ChatLightLLMCapabilities, ChatModelIntegration
     def chat_model_params(self) -> dict:
         return {"base_url": SERVER["url"], "temperature": 0, "max_tokens": 48}
 
-    # The suite's own switches turn its tool-calling and structured-output tests off against this
-    # server: the default model's chat template (SmolLM2-135M) takes no tools, so the server
-    # answers 400 to a request with tools. The tool path is tested end to end in
-    # test_langchain_tools.py against a tiny model whose template takes tools, and the message
-    # conversion by test_tool_call_plumbing below; the unit suite above still checks bind_tools
-    # and with_structured_output.
-    @property
-    def has_tool_calling(self) -> bool:
-        return False
-
-    @property
-    def has_structured_output(self) -> bool:
-        return False  # ChatLightLLM keeps BaseChatModel's with_structured_output, which binds a tool
-
+    # tool calling, forced tool choice, structured output and JSON mode all run against the
+    # default model, whose template takes no tools: the server puts them in the system message
+    # and holds forced calls and schemas to their grammars
     @property
     def has_tool_choice(self) -> bool:
-        return False  # the server cannot force a call
+        return True
 
     @property
     def supports_json_mode(self) -> bool:
-        return False  # json_object is accepted, not enforced
+        return True
 
     @property
     def returns_usage_metadata(self) -> bool:
         return True
+
+    # What the default model (SmolLM2-135M, 4-bit) cannot do even held to the grammar: the grammar
+    # fixes the shape, the model still picks the words, and these end at max_tokens unfinished.
+    LOOPS = ("the model loops inside the first string ('Situ pakai, sampu, sampu, ...') until "
+             "max_tokens: the answer is valid JSON cut short, so it lacks `punchline`")
+
+    @pytest.mark.parametrize("schema_type", ["pydantic", "typeddict", "json_schema"])
+    def test_structured_output(self, model, schema_type) -> None:
+        if schema_type == "pydantic":
+            pytest.skip(self.LOOPS)
+        super().test_structured_output(model, schema_type)
+
+    @pytest.mark.parametrize("schema_type", ["pydantic", "typeddict", "json_schema"])
+    async def test_structured_output_async(self, model, schema_type) -> None:
+        if schema_type == "pydantic":
+            pytest.skip(self.LOOPS)
+        await super().test_structured_output_async(model, schema_type)
+
+    @pytest.mark.skip(reason=LOOPS)
+    def test_structured_output_pydantic_2_v1(self, model) -> None: ...
+
+    @pytest.mark.skip(reason="json_mode holds the answer to a JSON object, but its keys are the model's: "
+                             "it does not choose `setup` and `punchline`")
+    def test_json_mode(self, model) -> None: ...
+
+    @pytest.mark.skip(reason="tool_choice auto: the model starts a call, but its `answer_style` string "
+                             "runs on past max_tokens=48, so no call is complete")
+    def test_bind_runnables_as_tools(self, model) -> None: ...
+
+    @pytest.mark.skip(reason="the call is well-formed but not closed within max_tokens=48 (it is at 64)")
+    def test_unicode_tool_call_integration(self, model, *, tool_choice=None, force_tool_call=True) -> None: ...
 
 
 # ---- plumbing the default model cannot show ------------------------------------------------
@@ -114,8 +133,12 @@ def test_bind_tools_sends_openai_tools():
         """Apply magic to x."""
         return x
 
-    bound = ChatLightLLM(base_url="http://127.0.0.1:9/v1", model="m").bind_tools([magic], tool_choice="any")
-    assert bound.kwargs["tools"][0]["function"]["name"] == "magic" and bound.kwargs["tool_choice"] == "auto"
+    chat = ChatLightLLM(base_url="http://127.0.0.1:9/v1", model="m")
+    bound = chat.bind_tools([magic], tool_choice="any")
+    assert bound.kwargs["tools"][0]["function"]["name"] == "magic" and bound.kwargs["tool_choice"] == "required"
+    named = {"type": "function", "function": {"name": "magic"}}
+    for given, sent in (("magic", named), (named, named), (True, "required"), ("auto", "auto"), ("none", "none")):
+        assert chat.bind_tools([magic], tool_choice=given).kwargs["tool_choice"] == sent
 
 
 # ---- the LLM class ---------------------------------------------------------------------------

@@ -57,6 +57,6 @@ def test_with_structured_output_sends_the_schema_as_a_tool(chat):
 
         city: str
 
-    out = chat.with_structured_output(Weather, include_raw=True).invoke(ASK)
+    out = chat.with_structured_output(Weather, method="function_calling", include_raw=True).invoke(ASK)
     assert isinstance(out["raw"], AIMessage) and out["parsing_error"] is None
     assert prompt_tokens(out["raw"]) > prompt_tokens(chat.invoke(ASK)) + SCHEMA_TOKENS // 2

@@ -182,8 +182,10 @@ BAD = [
     ({"top_logprobs": 30, "logprobs": True}, openai.BadRequestError, "top_logprobs"),
     ({"max_tokens": 600}, openai.BadRequestError, "max_tokens"),
     ({"n": 0}, openai.BadRequestError, "n"),
-    ({"tool_choice": "required", "tools": [{"type": "function", "function": {"name": "f"}}]}, openai.BadRequestError, "tool_choice"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, openai.BadRequestError, "tools"),  # no tools in this template
+    ({"tool_choice": {"type": "function", "function": {"name": "g"}}, "tools": [{"type": "function", "function": {"name": "f"}}]},
+     openai.BadRequestError, "tool_choice"),  # g is not among the tools
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}],
+      "tool_choice": "required"}, openai.BadRequestError, "tools"),
     ({"response_format": {"type": "json_object"}}, openai.BadRequestError, "messages"),  # the prompt never says JSON
     ({"extra_body": {"max_tokens": "5"}}, openai.UnprocessableEntityError, "max_tokens"),
     ({"model": "gpt-4o"}, openai.NotFoundError, "model"),

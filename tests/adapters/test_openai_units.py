@@ -7,6 +7,7 @@ import pytest
 from lightllm_plugin.adapters.openai.protocol import ApiError, invalid
 from lightllm_plugin.adapters.openai.serving_chat import chat_messages, check_response_format
 from lightllm_plugin.adapters.openai.serving_completion import completion_prompts
+from lightllm_plugin.adapters.openai.structured import response_format_constraint
 from lightllm_plugin.adapters.openai.tool_parsers import parse_tool_calls
 from lightllm_plugin.adapters.openai.tool_parsers.hermes import HermesToolParser as ToolCallParser
 
@@ -100,9 +101,13 @@ def test_response_format():
     check_response_format({"type": "text"}, [{"role": "user", "content": "hi"}])
     with pytest.raises(ApiError, match="json"):
         check_response_format({"type": "json_object"}, [{"role": "user", "content": "hi"}])
-    with pytest.raises(ApiError) as info:
-        check_response_format({"type": "json_schema"}, user)
-    assert info.value.param == "response_format"
+    for bad in ({"type": "json_schema"}, {"type": "json_schema", "json_schema": {"schema": []}}, {"type": "xml"}):
+        with pytest.raises(ApiError) as info:
+            response_format_constraint(bad)
+        assert info.value.param == "response_format"
+    schema = {"type": "object", "properties": {"b": {}, "a": {}}}
+    spec = response_format_constraint({"type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
+    assert json.loads(spec.json) == schema and spec.field == "response_format.json_schema.schema"
 
 
 def test_errors_name_the_field_the_client_sent():

@@ -100,6 +100,9 @@ def _native_cases():
         (p(stop_sequences=5), 422, ["stop_sequences"]),
         (p(do_sample="yes"), 422, ["do_sample"]),
         ({"inputs": "hi", "parameters": [1]}, 422, ["parameters"]),
+        (p(regular_constraint="[a-"), 400, ["parameters.regular_constraint", "invalid regex"]),
+        (p(guided_json=[1]), 400, ["parameters.guided_json"]),
+        (p(allowed_token_ids=[]), 400, ["allowed_token_ids"]),
     ]
 
 
@@ -131,7 +134,13 @@ def _openai_cases(model):
         (*chat(messages=[{"role": "user", "content": 5}]), 400, ["content"]),
         (*chat(messages=[{"role": "user", "content": [{"type": "image_url"}]}]), 400, ["text parts"]),
         (*chat(tools=[1]), 400, ["tools[0]"]),
-        (*chat(tool_choice="required", tools=[{"type": "function", "function": {"name": "f"}}]), 400, ["tool_choice"]),
+        (*chat(tool_choice={"type": "function", "function": {"name": "g"}},
+               tools=[{"type": "function", "function": {"name": "f"}}]), 400, ["tool_choice", "'g'"]),
+        (*chat(tool_choice="required"), 400, ["tool_choice"]),
+        (*comp(guided_regex="(("), 400, ["guided_regex", "invalid regex"]),
+        (*chat(guided_json=5), 400, ["guided_json"]),
+        (*comp(structured_outputs={"choice": 5}), 400, ["structured_outputs", "choice"]),
+        (*chat(guided_choice=["a"], guided_regex="a"), 400, ["one output constraint"]),
         (*chat(stream_options={"include_usage": True}), 400, ["stream_options"]),
         (*chat(logit_bias={"1": 5}), 400, ["logit_bias"]),
         (*chat(response_format={"type": "xml"}), 400, ["response_format"]),

@@ -1,5 +1,7 @@
 """Prompt building and length policy of the tokenizer process."""
 
+import json
+
 import pytest
 
 from lightllm_plugin.config import EngineConfig
@@ -95,11 +97,22 @@ def test_n_samples_become_n_requests_with_distinct_seeds():
     assert [a.params.seed for a in unseeded] == [None, None]
 
 
-def test_tools_are_refused_by_a_template_that_would_drop_them(tokenizer):
-    tools = [{"type": "function", "function": {"name": "f"}}]
-    req = TokenizeRequest(req_ids=[0], params=SamplingParams(), messages=[{"role": "user", "content": "Hi"}], tools=tools)
-    result = handle(tokenizer, req, EngineConfig())
-    assert isinstance(result, RequestError) and result.message.startswith("tools") and result.status == 400
+def test_a_template_without_tools_gets_them_in_the_system_message_and_auto_gets_its_grammar(tokenizer):
+    tools = [{"type": "function", "function": {"name": "lookup", "description": "Find a word",
+                                               "parameters": {"type": "object", "properties": {"w": {"type": "string"}}}}}]
+    messages = [{"role": "user", "content": "Hi"}]
+    [add] = handle(tokenizer, TokenizeRequest(req_ids=[0], params=SamplingParams(), messages=messages, tools=tools),
+                   EngineConfig())
+    prompt = tokenizer.decode(add.prompt_ids)
+    assert "lookup" in prompt and "Find a word" in prompt and '{"w": {"type": "string"}}' in prompt
+    assert "<tool_call>" in prompt and prompt.index("lookup") < prompt.index("Hi")  # in the system turn, first
+    tag = json.loads(add.params.structured_outputs.structural_tag)  # tool_choice auto: text or calls
+    assert tag["format"]["type"] == "triggered_tags" and tag["format"]["triggers"] == ["<tool_call>"]
+    # a request that holds its own constraint (a forced call) keeps it
+    forced = SamplingParams(structured_outputs={"regex": "a"})
+    [add] = handle(tokenizer, TokenizeRequest(req_ids=[0], params=forced, messages=messages, tools=tools),
+                   EngineConfig())
+    assert add.params.structured_outputs.regex == "a"
 
 
 def test_openai_style_requests_are_refused_instead_of_shortened():

@@ -1,0 +1,160 @@
+"""Structured outputs beside sampling: grammars compiled once per distinct spec, one matcher
+per request, and the token bitmask that masks the logits before sampling.
+
+The grammar library is xgrammar (what vLLM and SGLang use by default). A mask is one bit per
+token, 32 tokens to an int32 word, filled on the host from the matcher's state and unpacked on
+the logits' device. Compilation runs on a worker thread: a request whose grammar is still
+compiling waits outside the scheduler, so it never holds up the batch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from lightllm_plugin.structured_outputs import StructuredOutputs
+
+logger = logging.getLogger(__name__)
+
+_LOCATION = re.compile(r"^\[[^\]]*\]\s*\S+:\d+:\s*")
+_CACHED_GRAMMARS = 256  # distinct specs kept compiled; the least recently used goes first
+
+
+def bitmask_words(vocab_size: int) -> int:
+    return (vocab_size + 31) // 32
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """In place: logits [B, V] get -inf wherever the bit of bitmask [B, ceil(V/32)] (int32, on
+    the logits' device; bit j of word w is token 32*w + j) is 0."""
+    vocab = logits.shape[1]
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).to(torch.bool).flatten(1)[:, :vocab]
+    logits.masked_fill_(~allowed, float("-inf"))
+
+
+class RequestGrammar:
+    """One request's place in its grammar: fills its row of the step's bitmask and advances
+    with each sampled token."""
+
+    def __init__(self, matcher) -> None:
+        self._matcher = matcher
+
+    def fill(self, bitmask: torch.Tensor, row: int) -> None:
+        if not self._matcher.is_terminated():  # else finished: a step queued ahead samples it, then drops it
+            self._matcher.fill_next_token_bitmask(bitmask, row)
+
+    def accept(self, token: int) -> bool:
+        return self._matcher.accept_token(token)
+
+    @property
+    def terminated(self) -> bool:
+        """The grammar took its stop token (or cannot take any more): nothing may follow."""
+        return self._matcher.is_terminated()
+
+
+class AllowedTokens:
+    """LightLLM's allowed_token_ids: the same mask every step."""
+
+    def __init__(self, token_ids: list[int], vocab_size: int) -> None:
+        bits = torch.zeros(bitmask_words(vocab_size) * 32, dtype=torch.bool)
+        ids = torch.tensor([t for t in token_ids if t < vocab_size], dtype=torch.long)
+        bits[ids] = True
+        weights = torch.ones(32, dtype=torch.int64) << torch.arange(32)
+        words = (bits.view(-1, 32).to(torch.int64) * weights).sum(-1)
+        # the top bit set makes the word negative as int32: wrap into the signed range
+        self._row = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+    def fill(self, bitmask: torch.Tensor, row: int) -> None:
+        bitmask[row] = self._row
+
+    def accept(self, token: int) -> bool:
+        return True
+
+    @property
+    def terminated(self) -> bool:
+        return False
+
+
+class GrammarCompiler:
+    """Parses and compiles StructuredOutputs for one tokenizer, each distinct spec once."""
+
+    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: list[int], threads: int = 1) -> None:
+        import xgrammar
+
+        self._xgr = xgrammar
+        self.vocab_size = vocab_size
+        info = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=stop_token_ids)
+        self._compiler = xgrammar.GrammarCompiler(info, max_threads=threads)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-compile")
+        self._compiled: OrderedDict[tuple, Future] = OrderedDict()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def check(self, spec: StructuredOutputs) -> None:
+        """Parse the spec (fast: no tokenizer work); a bad schema, regex or grammar raises
+        ValueError naming the client's field."""
+        if spec.key() in self._compiled:
+            return  # parsed when it was first submitted
+        try:
+            self._grammar(spec)
+        except Exception as exc:  # the library raises RuntimeError/ValueError/its own types
+            what = {"json": "JSON schema", "regex": "regex", "grammar": "grammar",
+                    "structural_tag": "structural tag"}.get(spec.kind, spec.kind)
+            text = str(exc).strip()
+            # the library's messages start with a timestamp and its source location
+            message = _LOCATION.sub("", text.splitlines()[0]) if text else type(exc).__name__
+            raise ValueError(f"{spec.field}: invalid {what}: {message}") from None
+
+    def _grammar(self, spec: StructuredOutputs):
+        xgr = self._xgr
+        kind = spec.kind
+        if kind == "json":
+            # compact JSON (no free whitespace): a small model left free to indent can loop on blanks
+            return xgr.Grammar.from_json_schema(spec.json, any_whitespace=False,
+                                                strict_mode=spec.disable_additional_properties)
+        if kind == "json_object":
+            # an object, as OpenAI's json_object promises (the library's builtin JSON grammar takes any value)
+            return xgr.Grammar.from_json_schema('{"type": "object"}', any_whitespace=False, strict_mode=False)
+        if kind == "regex":
+            return xgr.Grammar.from_regex(spec.regex)
+        if kind == "choice":
+            # one literal string per alternative
+            return xgr.Grammar.from_ebnf("root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in spec.choice))
+        if kind == "grammar":
+            return xgr.Grammar.from_ebnf(spec.grammar)
+        return xgr.Grammar.from_structural_tag(spec.structural_tag)
+
+    def submit(self, spec: StructuredOutputs) -> Future:
+        """The compiled grammar of spec, compiling it on the worker thread the first time."""
+        key = spec.key()
+        future = self._compiled.get(key)
+        if future is not None and not (future.done() and future.exception() is not None):
+            self._compiled.move_to_end(key)
+            return future
+        future = self._pool.submit(lambda: self._compiler.compile_grammar(self._grammar(spec)))
+        self._compiled[key] = future
+        while len(self._compiled) > _CACHED_GRAMMARS:
+            self._compiled.popitem(last=False)
+        return future
+
+    def matcher(self, compiled) -> RequestGrammar:
+        return RequestGrammar(self._xgr.GrammarMatcher(compiled))
+
+
+def fill_bitmask(grammars: list, vocab_size: int) -> torch.Tensor | None:
+    """The step's host bitmask [B, words]: each constrained row filled by its grammar, the
+    others all ones; None when no row is constrained."""
+    if all(g is None for g in grammars):
+        return None
+    bitmask = torch.full((len(grammars), bitmask_words(vocab_size)), -1, dtype=torch.int32)
+    for row, grammar in enumerate(grammars):
+        if grammar is not None:
+            grammar.fill(bitmask, row)
+    return bitmask
