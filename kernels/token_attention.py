@@ -100,13 +100,18 @@ def _read_kv(kv_layer: torch.Tensor, kv_scale: torch.Tensor | None, slots: torch
     return kv.to(dtype).transpose(0, 1)
 
 
+# CPU decode pads each row's keys to a multiple of this many, the padding masked, whether the row
+# runs alone or batched: SDPA's sums change with the padded length, and a greedy row's tokens must
+# not depend on what else shares its step. Rows of one padded length share an SDPA call (one call
+# per row would cost ~30 us each per layer at 64 streams; the mask costs ~8 us a call).
+KV_LENGTH_BUCKET = 128
+
+
 def _decode_cpu(q: torch.Tensor, kv_layer, kv_scale, req_to_token, rows: torch.Tensor, lens: list[int],
                 scale) -> torch.Tensor:
     """q: [B, H, D], one query per request -> [B, H, D]. A GQA group's query heads are the rows of
     one SDPA "sequence" over its kv head (no causal mask: every key is visible), so K/V are never
-    repeated per head. Rows of one length share an SDPA call; rows of different lengths take
-    their own, never one call padded to the longest: SDPA's sums change with the padded length,
-    and a greedy row's tokens must not depend on what else shares its step."""
+    repeated per head."""
     batch, kv_heads, head_dim = len(rows), kv_layer.shape[1] // 2, q.shape[-1]
     if batch > 1:
         table = req_to_token[rows, : max(lens)]
@@ -115,21 +120,33 @@ def _decode_cpu(q: torch.Tensor, kv_layer, kv_scale, req_to_token, rows: torch.T
             return _decode_shared_prefix_cpu(q, kv_layer, kv_scale, table, lens, shared, scale)
     # the pool's dtype for SDPA: a bfloat16 pool is read as it is, half the bytes of float32
     dtype = q.dtype if kv_scale is not None else kv_layer.dtype
-    by_length: dict[int, list[int]] = {}
+    width = req_to_token.shape[1]
+    by_padded: dict[int, list[int]] = {}
     for b, n in enumerate(lens):
-        by_length.setdefault(n, []).append(b)
+        by_padded.setdefault(min(-(-n // KV_LENGTH_BUCKET) * KV_LENGTH_BUCKET, width), []).append(b)
     out = torch.empty_like(q)
-    for n, members in by_length.items():
-        if len(members) == 1:  # read in place when its slots form one run
-            kv = _read_kv(kv_layer, kv_scale, req_to_token[rows[members[0]], :n], dtype)[None]
-        else:
-            slots = req_to_token[rows[members], :n].reshape(-1)
-            kv = _read_kv(kv_layer, kv_scale, slots, dtype, may_be_a_run=False)
-            kv = kv.view(2 * kv_heads, len(members), n, head_dim).transpose(0, 1)
+    for padded, members in by_padded.items():
+        member_lens = [lens[b] for b in members]
+        kv = _read_padded_kv(kv_layer, kv_scale, req_to_token[rows[members], :padded], member_lens, dtype)
+        mask = (torch.arange(padded)[None, :] < torch.tensor(member_lens)[:, None])[:, None, None, :]
         qd = q[members].view(len(members), kv_heads, -1, head_dim).to(dtype)
-        o = F.scaled_dot_product_attention(qd, kv[:, :kv_heads], kv[:, kv_heads:], scale=scale)
+        o = F.scaled_dot_product_attention(qd, kv[:, :kv_heads], kv[:, kv_heads:], attn_mask=mask, scale=scale)
         out[members] = o.view(len(members), -1, head_dim).to(q.dtype)
     return out
+
+
+def _read_padded_kv(kv_layer, kv_scale, table: torch.Tensor, lens: list[int], dtype) -> torch.Tensor:
+    """[G, 2*Hkv, P, D] for the rows of table [G, P]; keys past a row's length are whatever the
+    slots there hold (masked). A lone row whose slots form one run is read in place, its padding
+    being the slots after the run."""
+    rows, padded = table.shape
+    if rows == 1:
+        first, n = int(table[0, 0]), lens[0]
+        if first + padded <= kv_layer.shape[0] and torch.equal(
+                table[0, :n], torch.arange(first, first + n, dtype=table.dtype)):
+            return _read_kv(kv_layer, kv_scale, torch.arange(first, first + padded), dtype)[None]
+    kv = _read_kv(kv_layer, kv_scale, table.reshape(-1), dtype, may_be_a_run=False)
+    return kv.view(kv.shape[0], rows, padded, kv.shape[-1]).transpose(0, 1)
 
 
 # Decode rows whose first keys are the same slots (the prefix cache gives every request with one
