@@ -10,3 +10,14 @@ def tiny_tools_model(tmp_path_factory) -> str:
 
     return build_tiny_tools_model(tmp_path_factory.mktemp("models") / "tiny-qwen2")
 
+
+
+def pytest_collection_modifyitems(items):
+    """A test module's EXPECTED_FAILURES ({"Class::test[param]": reason}) marks those items xfail,
+    for standard suites (langchain-tests) whose methods may not be overridden."""
+    for item in items:
+        expected = getattr(item.module, "EXPECTED_FAILURES", None)
+        if expected:
+            reason = expected.get(item.nodeid.split("::", 1)[1])
+            if reason:
+                item.add_marker(pytest.mark.xfail(reason=reason, strict=False))

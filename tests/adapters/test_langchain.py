@@ -77,36 +77,33 @@ class TestChatLightLLMIntegration(ChatLightLLMCapabilities, ChatModelIntegration
     def returns_usage_metadata(self) -> bool:
         return True
 
-    # What the default model (SmolLM2-135M, 4-bit) cannot do even held to the grammar: the grammar
-    # fixes the shape, the model still picks the words, and these end at max_tokens unfinished.
-    LOOPS = ("the model loops inside the first string ('Situ pakai, sampu, sampu, ...') until "
-             "max_tokens: the answer is valid JSON cut short, so it lacks `punchline`")
 
-    @pytest.mark.parametrize("schema_type", ["pydantic", "typeddict", "json_schema"])
-    def test_structured_output(self, model, schema_type) -> None:
-        if schema_type == "pydantic":
-            pytest.skip(self.LOOPS)
-        super().test_structured_output(model, schema_type)
-
-    @pytest.mark.parametrize("schema_type", ["pydantic", "typeddict", "json_schema"])
-    async def test_structured_output_async(self, model, schema_type) -> None:
-        if schema_type == "pydantic":
-            pytest.skip(self.LOOPS)
-        await super().test_structured_output_async(model, schema_type)
-
-    @pytest.mark.skip(reason=LOOPS)
-    def test_structured_output_pydantic_2_v1(self, model) -> None: ...
-
-    @pytest.mark.skip(reason="json_mode holds the answer to a JSON object, but its keys are the model's: "
-                             "it does not choose `setup` and `punchline`")
-    def test_json_mode(self, model) -> None: ...
-
-    @pytest.mark.skip(reason="tool_choice auto: the model starts a call, but its `answer_style` string "
-                             "runs on past max_tokens=48, so no call is complete")
-    def test_bind_runnables_as_tools(self, model) -> None: ...
-
-    @pytest.mark.skip(reason="the call is well-formed but not closed within max_tokens=48 (it is at 64)")
-    def test_unicode_tool_call_integration(self, model, *, tool_choice=None, force_tool_call=True) -> None: ...
+# What the default model (SmolLM2-135M, its 4-bit path) cannot do even held to the grammar: the
+# grammar fixes the shape, the model still picks the words and whether to call a tool. These
+# standard tests run and are expected to fail (tests/adapters/conftest.py marks them; an
+# unexpected pass shows as XPASS in the summary). Overriding them would trip the suite's own
+# test_no_overrides_DO_NOT_OVERRIDE.
+_LOOPS = ("the model loops inside the first string until max_tokens: the answer is valid JSON cut "
+          "short, so it lacks `punchline`")
+EXPECTED_FAILURES = {
+    "TestChatLightLLMIntegration::test_structured_output[pydantic]": _LOOPS,
+    "TestChatLightLLMIntegration::test_structured_output_async[pydantic]": _LOOPS,
+    "TestChatLightLLMIntegration::test_structured_output_pydantic_2_v1": _LOOPS,
+    "TestChatLightLLMIntegration::test_json_mode":
+        "json_mode holds the answer to a JSON object, but its keys are the model's: it does not choose "
+        "`setup` and `punchline`",
+    "TestChatLightLLMIntegration::test_bind_runnables_as_tools":
+        "tool_choice auto: the model starts a call, but its `answer_style` string runs on past "
+        "max_tokens=48, so no call is complete",
+    "TestChatLightLLMIntegration::test_unicode_tool_call_integration":
+        "the call is well-formed but not closed within max_tokens=48",
+    "TestChatLightLLMIntegration::test_agent_loop[model0]":
+        "tool_choice auto: the 4-bit default model answers in text instead of calling the tool "
+        "(float32 calls it)",
+    "TestChatLightLLMIntegration::test_agent_loop[model1]":
+        "tool_choice auto: the 4-bit default model answers in text instead of calling the tool "
+        "(float32 calls it)",
+}
 
 
 # ---- plumbing the default model cannot show ------------------------------------------------
