@@ -106,7 +106,10 @@ def _stop_process(proc: subprocess.Popen) -> None:
 
 
 # ---- the shared part ----------------------------------------------------------------------
-class _LightLLMCommon(BaseModel):
+class ServerConnection(BaseModel):
+    """Where a LangChain object's server is (a URL, or one it starts and owns) and how requests
+    reach it: shared by the LLM, the chat model and the embeddings."""
+
     model_config = ConfigDict(populate_by_name=True, arbitrary_types_allowed=True, protected_namespaces=())
 
     base_url: str | None = Field(default_factory=from_env("LIGHTLLM_BASE_URL", default=None))
@@ -121,17 +124,8 @@ class _LightLLMCommon(BaseModel):
     """Extra `lightllm-plugin serve` flags for an owned server."""
     api_key: SecretStr | None = Field(default_factory=secret_from_env("LIGHTLLM_API_KEY", default=None))
     """Sent as a bearer token. Default: $LIGHTLLM_API_KEY (the variable the server reads its key from)."""
-    temperature: float | None = None
-    max_tokens: int | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    stop: list[str] | str | None = Field(default=None, alias="stop_sequences")
-    seed: int | None = None
     timeout: float | None = 120.0
     max_retries: int = 2
-    streaming: bool = False
-    model_kwargs: dict[str, Any] = Field(default_factory=dict)
-    """Any other request fields (e.g. repetition_penalty, min_p, ignore_eos)."""
 
     _server: OwnedServer | None = PrivateAttr(default=None)
     _served_name: str | None = PrivateAttr(default=None)
@@ -166,19 +160,6 @@ class _LightLLMCommon(BaseModel):
         return self._served_name
 
     # -- the request
-    def _params(self, stop: list[str] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
-        params: dict[str, Any] = {
-            "temperature": self.temperature,
-            "max_tokens": self.max_tokens,
-            "top_p": self.top_p,
-            "top_k": self.top_k,
-            "seed": self.seed,
-            "stop": stop if stop is not None else self.stop,
-            **self.model_kwargs,
-        }
-        params.update({k: v for k, v in kwargs.items() if k not in ("run_manager",)})
-        return {k: v for k, v in params.items() if v is not None}
-
     def _client_kwargs(self) -> dict[str, Any]:
         return {"timeout": self.timeout, "headers": self._headers()}
 
@@ -215,6 +196,32 @@ class _LightLLMCommon(BaseModel):
                     raise
                 await asyncio.sleep(0.5 * 2**attempt)
         raise AssertionError("unreachable")
+
+class _LightLLMCommon(ServerConnection):
+    """The sampling settings and streaming of the LLM and the chat model."""
+
+    temperature: float | None = None
+    max_tokens: int | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    stop: list[str] | str | None = Field(default=None, alias="stop_sequences")
+    seed: int | None = None
+    streaming: bool = False
+    model_kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Any other request fields (e.g. repetition_penalty, min_p, ignore_eos)."""
+
+    def _params(self, stop: list[str] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
+        params: dict[str, Any] = {
+            "temperature": self.temperature,
+            "max_tokens": self.max_tokens,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "seed": self.seed,
+            "stop": stop if stop is not None else self.stop,
+            **self.model_kwargs,
+        }
+        params.update({k: v for k, v in kwargs.items() if k not in ("run_manager",)})
+        return {k: v for k, v in params.items() if v is not None}
 
     def _stream_events(self, path: str, payload: dict) -> Iterator[dict]:
         with httpx.Client(**self._client_kwargs()) as client:
