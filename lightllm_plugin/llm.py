@@ -65,14 +65,19 @@ class LLM:
         self.config = config
         self._ranks = None  # tp > 1: the processes of ranks 1..tp-1, rank 0's group and plan sender
         if config.tp > 1:
+            import torch
+
             from lightllm_plugin.engine.tp_worker import OfflineRanks, join_as_rank_zero
 
+            # rank 0 is this process: on CPU it takes its share of the cores until close()
+            self._callers_threads = torch.get_num_threads()
             ranks = OfflineRanks(config)
             try:
                 group, sender = join_as_rank_zero(config, ranks.run_dir)
                 self.engine = EngineCore(config, progress=progress, tp_group=group, plan_sender=sender)
             except BaseException:
                 ranks.close()
+                torch.set_num_threads(self._callers_threads)
                 raise
             self._ranks = (ranks, group, sender)
         else:
@@ -80,13 +85,17 @@ class LLM:
         self.tokenizer = self.engine.tokenizer
 
     def close(self) -> None:
-        """Stop the other tensor-parallel ranks (tp > 1); nothing to do otherwise."""
+        """Stop the other tensor-parallel ranks (tp > 1) and give this process its threads back;
+        nothing to do otherwise."""
         if self._ranks is not None:
             ranks, group, sender = self._ranks
             self._ranks = None
             ranks.close()
             group.close()
             sender.close()
+            import torch
+
+            torch.set_num_threads(self._callers_threads)
 
     def __enter__(self) -> "LLM":
         return self
