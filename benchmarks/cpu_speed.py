@@ -155,7 +155,7 @@ def measure(system: str, args, vocab: int) -> dict:
     max_len = max(args.decode + args.prefill + [_BATCH_PROMPT]) + args.new_tokens + 1
     result = {"decode": {}, "prefill": {}, "batch": {}}
     if system in ("ours", "ours-fp32"):
-        model = ours_engine(args.gguf, "float32" if system == "ours-fp32" else "auto", max_len)
+        model = ours_engine(args.gguf, "float32" if system == "ours-fp32" else "bfloat16", max_len)
         result["dtype"] = model.config.resolved_dtype
         decode, prefill = ours_decode, ours_prefill
     elif system == "hf":

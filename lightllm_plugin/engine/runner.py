@@ -27,7 +27,7 @@ from lightllm_plugin.engine.sampling import (
     launch_sample,
 )
 from lightllm_plugin.engine.step_plan import PlanSender, StepPlan
-from lightllm_plugin.models.cpu_weights import KERNEL_DTYPE, StepRows, quantize_projections
+from lightllm_plugin.models.cpu_weights import StepRows, quantize_projections
 from lightllm_plugin.models.kv_cache import AttentionMetadata, QuantizedKVCache
 from lightllm_plugin.models.llama import Projection
 from lightllm_plugin.models.loader import (
@@ -103,8 +103,8 @@ def resolve_device_and_dtype(config: EngineConfig) -> tuple[torch.device, torch.
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device=cuda was asked for but CUDA is not available")
     if config.data_type == "auto":
-        # CPU: float32 until the weights are read; the runner moves a checkpoint stored in 4 bits
-        # to the bfloat16 path (ModelRunner.__init__)
+        # CPU: the exact path. The bfloat16 one decodes twice as fast, but its greedy tokens keep
+        # float32's on only 4 to 6 of the 8 test chats, as rounding elsewhere moves its near-ties
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     else:
         dtype = _DTYPES[config.data_type]
@@ -154,21 +154,11 @@ class ModelRunner:
                 model_kind, model_path, model_dtype, self.device, config.max_req_total_len, progress=progress,
                 tp=tp_group, models=models,
             )
-        # `auto` on CPU: a checkpoint stored in 4 bits (the default model's Q4_1 GGUF) is already
-        # that precise, so decode runs on its exact 4-bit codes with a bfloat16 KV pool, twice the
-        # float32 speed (its greedy tokens stay float32's on 7 of the 8 test chats); any other
-        # checkpoint keeps the exact float32 path. Only an explicit lower data_type adds int8
-        # codes of its own. A pooling model's outputs are its prompt's, which float32 computes anyway.
-        auto_cpu = self.device.type == "cpu" and config.data_type == "auto" and self.pooler is None
-        if cpu_quantized or auto_cpu:
+        if cpu_quantized:
             self.step_rows = StepRows()
-            counts = quantize_projections(self.model, Projection, int8=cpu_quantized, step_rows=self.step_rows)
-            if counts["int4"] or counts["int8"]:
-                self.dtype = KERNEL_DTYPE
-                logger.info("CPU decode: %d projections keep their 4-bit codes, %d get int8 codes, KV cache %s",
-                            counts["int4"], counts["int8"], self.dtype)
-            else:
-                self.step_rows = None
+            counts = quantize_projections(self.model, Projection, int8=True, step_rows=self.step_rows)
+            logger.info("CPU decode: %d projections keep their 4-bit codes, %d get int8 codes, KV cache %s",
+                        counts["int4"], counts["int8"], self.dtype)
         # what the KV pool stores: the model dtype, or int8 values with float16 scales
         self.kv_dtype = torch.int8 if config.kv_cache_dtype == "int8" else self.dtype
         config.resolved_dtype = str(self.dtype).removeprefix("torch.")

@@ -149,8 +149,8 @@ class RescoredHead(nn.Module):
 def quantize_projections(model: nn.Module, kind: type, int8: bool, step_rows: StepRows | None = None) -> dict[str, int]:
     """Replace the modules of exactly type `kind` (a subclass, such as a projection that talks to
     other ranks, is left alone) that can be quantized by their QuantizedProjection, all reading
-    `step_rows`, and a plain linear lm_head by a RescoredHead when any projection is quantized.
-    Returns how many projections became int4 and int8."""
+    `step_rows`, and a plain linear lm_head by a RescoredHead. Returns how many projections became
+    int4 and int8."""
     counts = {"int4": 0, "int8": 0}
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
@@ -166,6 +166,6 @@ def quantize_projections(model: nn.Module, kind: type, int8: bool, step_rows: St
             else:
                 continue
             counts[getattr(parent, name).kind] += 1
-    if (int8 or counts["int4"]) and type(getattr(model, "lm_head", None)) is nn.Linear:
+    if type(getattr(model, "lm_head", None)) is nn.Linear:
         model.lm_head = RescoredHead(model.lm_head.weight)
     return counts

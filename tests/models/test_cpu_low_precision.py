@@ -4,7 +4,6 @@ float32 path, on the default model: its greedy output equals float32's on most o
 import pytest
 import torch
 from support.int8_kv_check import CHATS
-from support.model_plugin import build_tiny_checkpoint
 
 from lightllm_plugin import LLM, SamplingParams
 
@@ -21,7 +20,8 @@ def engines():
     return _llm("float32"), _llm("bfloat16")
 
 
-def test_bfloat16_keeps_the_4_bit_weights_and_a_bfloat16_kv_cache(engines):
+def test_auto_is_float32_on_cpu_and_bfloat16_keeps_the_4_bit_weights_and_a_bfloat16_kv_cache(engines):
+    assert _llm("auto").config.resolved_dtype == "float32"
     full, low = engines
     assert full.config.resolved_dtype == "float32" and full.engine.runner.kv_pool.dtype == torch.float32
     assert low.config.resolved_dtype == "bfloat16"
@@ -31,20 +31,6 @@ def test_bfloat16_keeps_the_4_bit_weights_and_a_bfloat16_kv_cache(engines):
     kinds = {p.kind for layer in layers for p in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj)}
     assert kinds == {"int4"}
     assert low.engine.runner.model.lm_head.weight.dtype == torch.float32
-
-
-def test_auto_takes_the_4_bit_path_for_a_4_bit_checkpoint_only(tmp_path):
-    """`auto` on CPU: the default model's Q4_1 file runs on its own 4-bit codes (no int8 codes
-    added) with a bfloat16 KV pool; a float32 checkpoint keeps the exact float32 path."""
-    auto = _llm("auto")
-    assert auto.config.resolved_dtype == "bfloat16" and auto.engine.runner.kv_pool.dtype == torch.bfloat16
-    layers = auto.engine.runner.model.layers
-    assert {p.kind for layer in layers for p in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj)} == {"int4"}
-    tiny = build_tiny_checkpoint(tmp_path / "tiny", "LlamaForCausalLM")
-    exact = LLM(tiny, max_total_token_num=256, max_req_total_len=64, max_req_input_len=32, progress=False)
-    assert exact.config.resolved_dtype == "float32" and exact.engine.runner.kv_pool.dtype == torch.float32
-    assert exact.engine.runner.step_rows is None
-    assert type(exact.engine.runner.model.lm_head) is torch.nn.Linear
 
 
 def test_greedy_output_equals_float32_on_six_of_eight_chats(engines):
