@@ -78,8 +78,8 @@ class TestChatLightLLMIntegration(ChatLightLLMCapabilities, ChatModelIntegration
         return True
 
 
-# What the default model (SmolLM2-135M, its 4-bit path) cannot do even held to the grammar: the
-# grammar fixes the shape, the model still picks the words and whether to call a tool. These
+# What the default model (SmolLM2-135M) cannot do even held to the grammar: the
+# grammar fixes the shape, the model still picks the words. These
 # standard tests run and are expected to fail (tests/adapters/conftest.py marks them; an
 # unexpected pass shows as XPASS in the summary). Overriding them would trip the suite's own
 # test_no_overrides_DO_NOT_OVERRIDE.
@@ -97,12 +97,6 @@ EXPECTED_FAILURES = {
         "max_tokens=48, so no call is complete",
     "TestChatLightLLMIntegration::test_unicode_tool_call_integration":
         "the call is well-formed but not closed within max_tokens=48",
-    "TestChatLightLLMIntegration::test_agent_loop[model0]":
-        "tool_choice auto: the 4-bit default model answers in text instead of calling the tool "
-        "(float32 calls it)",
-    "TestChatLightLLMIntegration::test_agent_loop[model1]":
-        "tool_choice auto: the 4-bit default model answers in text instead of calling the tool "
-        "(float32 calls it)",
 }
 
 
