@@ -79,7 +79,7 @@ class TestChatLightLLMIntegration(ChatLightLLMCapabilities, ChatModelIntegration
 
 
 # What the default model (SmolLM2-135M) cannot do even held to the grammar: the
-# grammar fixes the shape, the model still picks the words. These
+# grammar fixes the shape, the model still picks the words and whether to call a tool. These
 # standard tests run and are expected to fail (tests/adapters/conftest.py marks them; an
 # unexpected pass shows as XPASS in the summary). Overriding them would trip the suite's own
 # test_no_overrides_DO_NOT_OVERRIDE.
@@ -97,6 +97,10 @@ EXPECTED_FAILURES = {
         "max_tokens=48, so no call is complete",
     "TestChatLightLLMIntegration::test_unicode_tool_call_integration":
         "the call is well-formed but not closed within max_tokens=48",
+    "TestChatLightLLMIntegration::test_agent_loop[model0]":
+        "tool_choice auto: the model answers the weather question in text instead of calling the tool",
+    "TestChatLightLLMIntegration::test_agent_loop[model1]":
+        "tool_choice auto: the model answers the weather question in text instead of calling the tool",
 }
 
 
