@@ -90,11 +90,19 @@ def _read_kv(kv_layer: torch.Tensor, kv_scale: torch.Tensor | None, slots: torch
     pool's [slots, 2*Hkv, D] layout makes it a strided view; other slots are gathered."""
     first, n = int(slots[0]), slots.shape[0]
     if may_be_a_run and torch.equal(slots, torch.arange(first, first + n, dtype=slots.dtype)):
-        kv = kv_layer[first : first + n]
-        scales = None if kv_scale is None else kv_scale[first : first + n]
-    else:
-        kv = kv_layer.index_select(0, slots)
-        scales = None if kv_scale is None else kv_scale.index_select(0, slots)
+        return _read_run(kv_layer, kv_scale, first, n, dtype)
+    scales = None if kv_scale is None else kv_scale.index_select(0, slots)
+    return _heads_first(kv_layer.index_select(0, slots), scales, dtype)
+
+
+def _read_run(kv_layer, kv_scale, first: int, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """Slots first .. first+n-1, read in place."""
+    scales = None if kv_scale is None else kv_scale[first : first + n]
+    return _heads_first(kv_layer[first : first + n], scales, dtype)
+
+
+def _heads_first(kv: torch.Tensor, scales: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    # [n, 2*Hkv, D] (with int8 scales [n, 2*Hkv]) -> [2*Hkv, n, D] in dtype
     if scales is not None:
         kv = kv.to(dtype) * scales.to(dtype)[..., None]
     return kv.to(dtype).transpose(0, 1)
@@ -144,7 +152,7 @@ def _read_padded_kv(kv_layer, kv_scale, table: torch.Tensor, lens: list[int], dt
         first, n = int(table[0, 0]), lens[0]
         if first + padded <= kv_layer.shape[0] and torch.equal(
                 table[0, :n], torch.arange(first, first + n, dtype=table.dtype)):
-            return _read_kv(kv_layer, kv_scale, torch.arange(first, first + padded), dtype)[None]
+            return _read_run(kv_layer, kv_scale, first, padded, dtype)[None]
     kv = _read_kv(kv_layer, kv_scale, table.reshape(-1), dtype, may_be_a_run=False)
     return kv.view(kv.shape[0], rows, padded, kv.shape[-1]).transpose(0, 1)
 
