@@ -1,6 +1,5 @@
 """The offline API on the default model, checked against Hugging Face transformers."""
 
-import os
 
 import pytest
 import torch
@@ -29,9 +28,8 @@ def llm():
 
 
 @pytest.fixture(scope="module")
-def hf_model(default_model_file):
-    folder, name = os.path.split(default_model_file)
-    return transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+def hf_model(hf_default_model):
+    return hf_default_model
 
 
 def _chat_ids(llm, text):

@@ -1,7 +1,5 @@
 """GGUF config and tensors, checked against transformers' own GGUF loader."""
 
-import importlib.util
-import os
 
 import numpy as np
 import pytest
@@ -17,24 +15,9 @@ def gguf_path():
 
 
 @pytest.fixture(scope="module")
-def hf_reference(gguf_path):
-    """(config, state_dict) that transformers builds from the same file (~30 s, once)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    folder, name = os.path.split(gguf_path)
-    if importlib.util.find_spec("accelerate") is not None:
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-        return model.config, model.state_dict()
-    # from_pretrained insists on accelerate for GGUF; this is the same conversion it
-    # runs internally, mapped onto a weightless model's parameter names.
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
-    config = AutoConfig.from_pretrained(folder, gguf_file=name)
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config)
-    parsed = load_gguf_checkpoint(gguf_path, return_tensors=True, model_to_load=skeleton,
-                                  torch_dtype=torch.float32)
-    return config, parsed["tensors"]
+def hf_reference(hf_default_model):
+    """(config, state_dict) that transformers builds from the same file."""
+    return hf_default_model.config, hf_default_model.state_dict()
 
 
 def test_config_matches_transformers(gguf_path, hf_reference):
