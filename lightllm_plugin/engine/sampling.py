@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lightllm_plugin.engine.structured_output import apply_token_bitmask, fill_bitmask
+from lightllm_plugin.engine.structured_output import allows_other_than, apply_token_bitmask, fill_bitmask
 from lightllm_plugin.sampling_params import SamplingParams
 
 
@@ -150,8 +150,13 @@ def launch_sample(logits: torch.Tensor, rows: list[SamplerRow], default_generato
         logits = logits.clone()
         _apply_penalties(logits, rows)
         for i, row in enumerate(rows):
-            if row.blocked_ids:
-                logits[i, row.blocked_ids] = float("-inf")
+            if not row.blocked_ids:
+                continue
+            if bitmask is not None and row.grammar is not None and not allows_other_than(bitmask[i], row.blocked_ids):
+                # the grammar is complete and only a stop token may follow: the output cannot grow
+                # legally, so min_new_tokens gives way (masking the stop too would leave no token)
+                continue
+            logits[i, row.blocked_ids] = float("-inf")
         if bitmask is not None:
             apply_token_bitmask(logits, _to_device(bitmask, device))
 

@@ -15,6 +15,7 @@ import re
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 
+import numpy as np
 import torch
 
 from lightllm_plugin.structured_outputs import StructuredOutputs
@@ -158,3 +159,12 @@ def fill_bitmask(grammars: list, vocab_size: int) -> torch.Tensor | None:
         if grammar is not None:
             grammar.fill(bitmask, row)
     return bitmask
+
+
+def allows_other_than(bitmask_row: torch.Tensor, token_ids: list[int]) -> bool:
+    """Whether a host bitmask row [words] allows any token outside token_ids."""
+    words = bitmask_row.numpy().view(np.uint32).copy()
+    for token in token_ids:
+        if token // 32 < len(words):
+            words[token // 32] &= np.uint32(~(1 << (token % 32)) & 0xFFFFFFFF)
+    return bool(words.any())

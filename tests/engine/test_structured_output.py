@@ -110,6 +110,18 @@ def test_a_grammar_that_cannot_finish_ends_with_length(llm):
     assert llm.engine.free_slots.num_free == llm.engine.total_slots
 
 
+def test_min_new_tokens_gives_way_to_a_complete_grammar(llm):
+    # the object is complete after a few tokens and only a stop token may follow it; masking the
+    # stop for min_new_tokens as well would leave no token at all (the row sampled token 0)
+    plain = _chat(llm, PROMPTS[0], temperature=0, max_new_tokens=48, structured_outputs={"json": PERSON})[0]
+    held = _chat(llm, PROMPTS[0], temperature=0, max_new_tokens=48, min_new_tokens=40,
+                 structured_outputs={"json": PERSON})[0]
+    for out in (plain.outputs[0], held.outputs[0]):
+        assert out.finish_reason == "stop" and out.token_ids[-1] in llm.engine.config.resolved_eos_ids, out.token_ids
+        Person.model_validate_json(out.text)
+    assert held.outputs[0].token_ids == plain.outputs[0].token_ids
+
+
 @pytest.mark.parametrize("spec, problem", [
     ({"regex": "(("}, "structured_outputs: invalid regex"),
     ({"json": {"type": "foo"}}, "structured_outputs: invalid JSON schema"),
