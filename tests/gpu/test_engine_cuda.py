@@ -65,12 +65,16 @@ def test_profiled_pool_fits_free_memory(model_dir):
     gc.collect()
     torch.cuda.empty_cache()
     free_before = torch.cuda.mem_get_info()[0]
-    # a request cap high enough that free memory, not the cap, sizes the pool: half of an H200's
-    # 139 GiB holds 11M tokens of this model, more than 8192 requests of 1024 tokens
-    cfg, runner = _runner(model_dir, mem_fraction=0.5, running_max_req_size=8192, max_req_total_len=2048)
+    # a request cap above what free memory holds, whatever the card: then free memory, not the
+    # cap, sizes the pool (the cap only bounds req_to_token, a few bytes a token)
+    hf_cfg = transformers.AutoConfig.from_pretrained(model_dir)
+    head_dim = hf_cfg.hidden_size // hf_cfg.num_attention_heads
+    per_token = kv_bytes_per_token(hf_cfg.num_hidden_layers, hf_cfg.num_key_value_heads, head_dim, torch.bfloat16)
+    max_len = 2048
+    cfg, runner = _runner(model_dir, mem_fraction=0.5, running_max_req_size=free_before // (per_token * max_len) + 1,
+                          max_req_total_len=max_len)
     slots = runner.size_kv_pool()
-    mc = runner.model_cfg
-    pool_bytes = slots * kv_bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim, runner.dtype)
+    pool_bytes = slots * per_token
     assert runner.kv_pool.numel() * runner.kv_pool.element_size() >= pool_bytes
     assert slots < cfg.running_max_req_size * cfg.max_req_total_len
     # half of what was free after the weights and the warm-up, so a little under half of free_before
