@@ -217,6 +217,46 @@ def test_decode_queued_ahead_equals_eager_with_stops_min_tokens_logprobs_and_an_
     assert len(eager_events[9]) < 30 and eager_events[9][-1][1] is None  # aborted mid-run
 
 
+def test_decode_queued_ahead_while_requests_wait_for_a_place(model_dir):
+    """More requests than running_max_req_size: while the running ones fill it, decode steps
+    are queued ahead although requests wait, and a request finishing frees its place for the
+    next step as in eager steps: the same greedy tokens, every slot back."""
+    from lightllm_plugin.engine.core import EngineCore
+    from lightllm_plugin.sampling_params import SamplingParams
+
+    g = torch.Generator().manual_seed(13)
+    arrivals = []
+    for i in range(10):
+        prompt = torch.randint(0, 4096, (int(torch.randint(1, 150, (1,), generator=g)),), generator=g).tolist()
+        arrivals.append((0, i, prompt, int(torch.randint(8, 40, (1,), generator=g))))
+    results, queued = {}, {}
+    for eager in (True, False):
+        cfg = EngineConfig(model_dir=model_dir, device="cuda", data_type="float32", max_total_token_num=16384,
+                           max_req_total_len=1024, max_req_input_len=512, running_max_req_size=4,
+                           enforce_eager=eager)
+        engine = EngineCore(cfg, progress=False, with_tokenizer=False)
+        for _, rid, prompt, n in arrivals:
+            engine.add_request(rid, prompt, SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True))
+        got: dict[int, list[int]] = {}
+        queued[eager] = 0  # steps queued ahead while a request waited
+        for _ in range(400):
+            if not engine.has_unfinished():
+                break
+            before, waiting = engine.steps_queued_ahead, engine.num_waiting
+            for ev in engine.step():
+                got.setdefault(ev.req_id, []).append(ev.token_id)
+            queued[eager] += waiting > 0 and engine.steps_queued_ahead > before
+        results[eager] = got
+        assert engine.used_slots == engine.cached_slots == engine.tokens_held()
+        del engine
+        gc.collect()
+        torch.cuda.empty_cache()
+    assert results[False] == results[True]
+    assert {rid: len(t) for rid, t in results[False].items()} == {rid: n for _, rid, _, n in arrivals}
+    # 10 requests of 8..39 tokens through 4 places: most steps have requests waiting
+    assert queued[True] == 0 and queued[False] > 20, queued
+
+
 @pytest.mark.skipif(cached_default_model_path() is None, reason="the default model is not in the cache (no network here)")
 def test_default_model_greedy_on_gpu_equals_cpu():
     """The default model in bf16 with Triton kernels and CUDA graphs against the CPU engine in
