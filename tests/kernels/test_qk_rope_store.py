@@ -21,7 +21,7 @@ def _inputs(dtype, tokens, heads, kv_heads, head_dim, norm, seed, row_pad=0):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("norm", [False, True])
-@pytest.mark.parametrize("tokens,heads,kv_heads,head_dim", [(1, 16, 8, 128), (17, 8, 2, 64), (40, 6, 1, 96)])
+@pytest.mark.parametrize("tokens,heads,kv_heads,head_dim", [(1, 16, 8, 128), (17, 8, 2, 64), (9, 6, 1, 96)])
 def test_qk_rope_store_matches_the_unfused_ops(dtype, norm, tokens, heads, kv_heads, head_dim):
     qkv, (qw, kw), cos, sin, pool, slots = _inputs(dtype, tokens, heads, kv_heads, head_dim, norm, tokens + heads,
                                                    row_pad=head_dim if tokens > 1 else 0)
