@@ -87,6 +87,7 @@ def main() -> None:
     ap.add_argument("--overflow-requests", type=int, default=192)
     ap.add_argument("--overflow-prompt-len", type=int, default=512)
     ap.add_argument("--overflow-output-len", type=int, default=512)
+    ap.add_argument("--skip-overflow", action="store_true", help="measure the slots and the batch decode only")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("int8_kv.py measures GPU memory and speed: it needs CUDA")
@@ -122,6 +123,8 @@ def main() -> None:
         r["decode_floor_ratio"] = (seconds / steps) / step_floor
         del engine
         free_engine()
+        if args.skip_overflow:
+            continue
 
         engine = engine_from_hf(hf, hf_cfg, max_len, max_input, mem_fraction=args.overflow_mem_fraction,
                                 kv_cache_dtype=kv, running_max_req_size=256, batch_max_tokens=8192)
@@ -153,6 +156,8 @@ def main() -> None:
         (f"decode tok/s at batch {args.batch} (ctx {args.prompt_len}..{args.prompt_len + args.decode_tokens})",
          b["decode_tps"], q["decode_tps"], "{:.0f}"),
         ("decode step time / bandwidth floor", b["decode_floor_ratio"], q["decode_floor_ratio"], "{:.3f}"),
+    ]
+    rows += [] if args.skip_overflow else [
         (f"slots at mem_fraction {args.overflow_mem_fraction}", b["overflow_slots"], q["overflow_slots"], "{:d}"),
         ("overflow: most requests running at once", b["overflow_peak_running"], q["overflow_peak_running"], "{:d}"),
         ("overflow: seconds", b["overflow_s"], q["overflow_s"], "{:.2f}"),

@@ -12,8 +12,11 @@ longest prompt and output); tok/s counts each request's own output tokens either
 
 The floor is the larger of two times, each over a ceiling measured in this run: the matmul and
 attention FLOPs of the workload over a bf16 8192^3 matmul's rate, and the bytes that must move
-(the weights once per decode step, at least max(output length) steps; every decode token's
-context K/V; every new token's K/V written) over the device copy bandwidth.
+(the weights once per decode step, over the fewest steps the engine's KV pool allows: at least
+max(output length), and at least the tokens held summed over every request's steps over the pool
+size; every decode token's context K/V; every new token's K/V written) over the device copy
+bandwidth. vLLM's benchmark_throughput default workload is `--num-requests 1000 --min-len 256
+--max-len 256`.
 """
 
 from __future__ import annotations
@@ -108,8 +111,20 @@ def engine_from_hf(hf, hf_cfg, max_len: int, max_input: int, max_total_tokens: i
     return EngineCore(cfg, progress=False, with_tokenizer=False, checkpoint=checkpoint)
 
 
-def workload_floor(hf_cfg, hf, lengths, flops_rate: float, bw: float) -> tuple[float, float]:
-    """(seconds of arithmetic, seconds of memory traffic) the workload cannot go below."""
+def min_decode_steps(lengths, slots: int | None) -> int:
+    """Fewest decode steps the workload can take: every request's outputs come one a step, and
+    a step holds at most `slots` tokens of K/V, while request i holds p_i + k of them at its k-th
+    output step, so the steps are at least the sum of those holdings over the pool size."""
+    steps = max(o for _, o in lengths)
+    if slots:
+        held = sum(p * o + o * (o + 1) // 2 for p, o in lengths)
+        steps = max(steps, -(-held // slots))
+    return steps
+
+
+def workload_floor(hf_cfg, hf, lengths, flops_rate: float, bw: float, slots: int | None = None) -> tuple[float, float]:
+    """(seconds of arithmetic, seconds of memory traffic) the workload cannot go below; the
+    weights are read once a decode step, over the steps a pool of `slots` tokens allows."""
     h, v, layers = hf_cfg.hidden_size, hf_cfg.vocab_size, hf_cfg.num_hidden_layers
     heads = hf_cfg.num_attention_heads
     head_dim = getattr(hf_cfg, "head_dim", None) or h // heads
@@ -128,7 +143,7 @@ def workload_floor(hf_cfg, hf, lengths, flops_rate: float, bw: float) -> tuple[f
         ctx_sum = processed * (processed + 1) // 2
         flops += 4 * layers * heads * head_dim * ctx_sum
         kv_read_tokens += sum(range(p + 1, p + o))  # decode token at position j reads j + 1
-    steps = max(o for _, o in lengths)
+    steps = min_decode_steps(lengths, slots)
     bytes_moved = steps * (layer_params * 2 + head_bytes) + (kv_read_tokens + new_tokens) * kv_token_bytes
     return flops / flops_rate, bytes_moved / bw
 
@@ -194,16 +209,18 @@ def main() -> None:
             replays0 = graphs.replays if graphs is not None else 0
             sync(args.device)
             t0 = time.perf_counter()
-            produced = steps = 0
+            produced = steps = peak = 0
             while engine.has_unfinished():
                 produced += len(engine.step())
                 steps += 1
+                peak = max(peak, engine.num_running)
             sync(args.device)
             ours_s = time.perf_counter() - t0
             engine.flush_cache()  # the timed run must not read the warm-up's prompts from the cache
         assert produced == total_out, (produced, total_out)
         ours_tps = total_out / ours_s
         slots = engine.total_slots
+        max_running = engine.config.running_max_req_size
         replays = graphs.replays - replays0 if graphs is not None else 0
         del engine, graphs  # the graphs hold the KV pool
         gc.collect()
@@ -229,16 +246,17 @@ def main() -> None:
             hf_s = time.perf_counter() - t0
             hf_tps = hf_out / hf_s
 
-    compute_s, memory_s = workload_floor(hf_cfg, hf, lengths, mm, bw) if cuda else (float("nan"), float("nan"))
+    compute_s, memory_s = workload_floor(hf_cfg, hf, lengths, mm, bw, slots) if cuda else (float("nan"), float("nan"))
     floor_s = max(compute_s, memory_s)
     dev = torch.cuda.get_device_name() if cuda else "cpu"
     print(f"command: python {' '.join(shlex.quote(a) for a in sys.argv)}")
     print(f"device={dev} dtype={dtype} shape={args.shape} requests={args.num_requests} "
           f"lengths=U[{args.min_len},{args.max_len}] seed 0 prompt_tokens={sum(p for p, _ in lengths)} output_tokens={total_out}")
     print(f"ceilings: copy {bw / 1e9:.0f} GB/s (read+write), bf16 matmul {mm / 1e12:.0f} TFLOP/s; "
-          f"floor: compute {compute_s:.2f} s, memory {memory_s:.2f} s")
+          f"floor: compute {compute_s:.2f} s, memory {memory_s:.2f} s "
+          f"(weights read over {min_decode_steps(lengths, slots)} steps, what {slots} KV slots allow)")
     print(f"engine: init {init_s:.1f} s, {slots} KV slots, {steps} steps ({replays} graph replays), "
-          f"batch_max_tokens={batch_max_tokens}")
+          f"batch_max_tokens={batch_max_tokens}, running_max_req_size={max_running}, most running at once {peak}")
     hf_note = f"HF on the first {k} of {len(prompts)} requests, batches of {args.hf_batch}" if k < len(prompts) else f"HF on all requests, batches of {args.hf_batch}"
     print("| what | out tok/s | seconds | x HF | of floor |")
     print("| --- | ---: | ---: | ---: | ---: |")

@@ -3,7 +3,8 @@
 # int8 KV benchmarks, each under its own time limit so one failure does not cost the others.
 # Logs go to $OUT (or ./gpu_logs); the tables are printed again at the end.
 # Usage: benchmarks/run_gpu.sh [tests] [default] [latency] [llama] [qwen] [serving] [int8]
-#        [prefix] [chunks] [chat] [structured] [before_after] [moe]   (default: all but structured)
+#        [prefix] [chunks] [chat] [structured] [before_after] [moe] [table]
+#        (default: all but structured and table; table is benchmarks/perf_table.py, issue 23's rows)
 # before_after times the offline throughput of the tree in $OLD_TREE (installed in $OLD_SITE)
 # against this one: a workload without sharing, where the prefix cache may only cost.
 # `default` needs the default model's GGUF in $LIGHTLLM_PLUGIN_CACHE (the GPU machine has no network).
@@ -38,6 +39,7 @@ for part in $parts; do
             run before 200 env PYTHONPATH="$OLD_SITE" python "$OLD_TREE/benchmarks/offline_throughput.py" --shape llama3-8b --skip-hf
             run after 200 python benchmarks/offline_throughput.py --shape llama3-8b --skip-hf ;;
         moe) run moe 400 python benchmarks/moe.py --shapes qwen3-30b-a3b,mixtral-8x7b --offline-layers 8 --hf-requests 8 ;;
+        table) run table 560 python benchmarks/perf_table.py ;;
         serving) run serving 330 python benchmarks/serving.py --shape qwen3-0.6b --num-requests 256 --rates 8,24,48,inf --repeats 2 --out-json "$OUT/serving_results.json" ;;
     esac
 done

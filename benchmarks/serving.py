@@ -386,6 +386,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3,
                     help="runs of the saturation rate and of the offline engine; their medians make the ratio")
     ap.add_argument("--skip-offline", action="store_true")
+    ap.add_argument("--rate-requests", type=int, default=None,
+                    help="send only the first N requests at each finite rate (low-load latency without a long run)")
     ap.add_argument("--out-json", default="serving_results.json")
     ap.add_argument("--out-png", default="serving_latency.png")
     args = ap.parse_args()
@@ -428,7 +430,8 @@ def main() -> int:
             if bad:
                 raise RuntimeError(f"warm-up requests failed: {bad[:3]}\n{server.log_tail()}")
             for rate in args.rates:
-                row = summarize(rate, *run_load(pool, args.client_procs, server.url, reqs, rate, args.seed))
+                sent = reqs if math.isinf(rate) or args.rate_requests is None else reqs[: args.rate_requests]
+                row = summarize(rate, *run_load(pool, args.client_procs, server.url, sent, rate, args.seed))
                 rows.append(row)
                 print(f"rate {row['rate']}: {row['output_tok_s']:.0f} out tok/s, {row['failed']} failed", flush=True)
             # a run of a few seconds varies by several percent: the ratio compares medians

@@ -449,13 +449,15 @@ class EngineCore:
 
     def _queue_next_decode(self, launched: _LaunchedStep) -> _LaunchedStep | None:
         """Queue the decode step that follows `launched` while it still runs, when the host
-        already knows that step's batch: nobody waiting to be admitted (the scheduler would
-        give exactly the running requests), no penalties (they read the output ids), and a
-        CUDA-graph step. Requests that reach max_new_tokens in `launched` are left out. With a
-        grammar in the batch only the forward is queued: the masks need `launched`'s tokens, so
-        the sampling is launched at the next step, once they are read (the host's reading and
-        mask filling still overlap the forward)."""
-        if self.scheduler.num_waiting or not self.scheduler.all_prefilled() or launched.pending is None:
+        already knows that step's batch: nobody the scheduler could admit (none waiting, or the
+        requests that go on fill running_max_req_size: it would give exactly the running
+        requests), no penalties (they read the output ids), and a CUDA-graph step. Requests that
+        reach max_new_tokens in `launched` are left out. With a grammar in the batch only the
+        forward is queued: the masks need `launched`'s tokens, so the sampling is launched at the
+        next step, once they are read (the host's reading and mask filling still overlap the
+        forward). A request that stops on a token in `launched` frees its place for a waiting one
+        a step later than without queuing."""
+        if not self.scheduler.all_prefilled() or launched.pending is None:
             return None
         alive = [(i, live) for i, live in enumerate(launched.order) if self._live.get(live.req_id) is live]
         if len(alive) != self.scheduler.num_running:
@@ -472,6 +474,8 @@ class EngineCore:
             order.append(live)
         if not order or not self.runner.can_chain(len(order)):
             return None
+        if self.scheduler.num_waiting and len(order) < self.scheduler.running_max_req_size:
+            return None  # a place opens: the next step admits a waiting request
         entries = []
         for live in order:
             output_len = len(live.output_ids) + 1

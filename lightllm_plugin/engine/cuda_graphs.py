@@ -23,7 +23,11 @@ from lightllm_plugin.models.kv_cache import AttentionMetadata, QuantizedKVCache
 
 logger = logging.getLogger(__name__)
 
-_LADDER = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# doubling while a step is bound by reading the weights (padding rows cost little), then steps of
+# 128: from about 256 rows on an H100/H200 a decode step is bound by its arithmetic, so padding
+# 257 rows to 512 would cost nearly twice the step. Sizes above running_max_req_size are not
+# captured (the default, 256, captures nothing above 256).
+_LADDER = (1, 2, 4, 8, 16, 32, 64, 128, 256, 384, 512, 640, 768, 896, 1024)
 # rows of the static input buffer
 _IDS, _POS, _ROW, _LEN, _SLOT = range(5)
 

@@ -65,12 +65,16 @@ def test_profiled_pool_fits_free_memory(model_dir):
     gc.collect()
     torch.cuda.empty_cache()
     free_before = torch.cuda.mem_get_info()[0]
-    # a request cap high enough that free memory, not the cap, sizes the pool: half of an H200's
-    # 139 GiB holds 11M tokens of this model, more than 8192 requests of 1024 tokens
-    cfg, runner = _runner(model_dir, mem_fraction=0.5, running_max_req_size=8192, max_req_total_len=2048)
+    # a request cap above what free memory holds, whatever the card: then free memory, not the
+    # cap, sizes the pool (the cap only bounds req_to_token, a few bytes a token)
+    hf_cfg = transformers.AutoConfig.from_pretrained(model_dir)
+    head_dim = hf_cfg.hidden_size // hf_cfg.num_attention_heads
+    per_token = kv_bytes_per_token(hf_cfg.num_hidden_layers, hf_cfg.num_key_value_heads, head_dim, torch.bfloat16)
+    max_len = 2048
+    cfg, runner = _runner(model_dir, mem_fraction=0.5, running_max_req_size=free_before // (per_token * max_len) + 1,
+                          max_req_total_len=max_len)
     slots = runner.size_kv_pool()
-    mc = runner.model_cfg
-    pool_bytes = slots * kv_bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim, runner.dtype)
+    pool_bytes = slots * per_token
     assert runner.kv_pool.numel() * runner.kv_pool.element_size() >= pool_bytes
     assert slots < cfg.running_max_req_size * cfg.max_req_total_len
     # half of what was free after the weights and the warm-up, so a little under half of free_before
@@ -211,6 +215,46 @@ def test_decode_queued_ahead_equals_eager_with_stops_min_tokens_logprobs_and_an_
         expected_len, reason = (first + 1, "stop") if first is not None else (30, "length")
         assert (len(tokens), eager_events[i][-1][1]) == (expected_len, reason), i
     assert len(eager_events[9]) < 30 and eager_events[9][-1][1] is None  # aborted mid-run
+
+
+def test_decode_queued_ahead_while_requests_wait_for_a_place(model_dir):
+    """More requests than running_max_req_size: while the running ones fill it, decode steps
+    are queued ahead although requests wait, and a request finishing frees its place for the
+    next step as in eager steps: the same greedy tokens, every slot back."""
+    from lightllm_plugin.engine.core import EngineCore
+    from lightllm_plugin.sampling_params import SamplingParams
+
+    g = torch.Generator().manual_seed(13)
+    arrivals = []
+    for i in range(10):
+        prompt = torch.randint(0, 4096, (int(torch.randint(1, 150, (1,), generator=g)),), generator=g).tolist()
+        arrivals.append((0, i, prompt, int(torch.randint(8, 40, (1,), generator=g))))
+    results, queued = {}, {}
+    for eager in (True, False):
+        cfg = EngineConfig(model_dir=model_dir, device="cuda", data_type="float32", max_total_token_num=16384,
+                           max_req_total_len=1024, max_req_input_len=512, running_max_req_size=4,
+                           enforce_eager=eager)
+        engine = EngineCore(cfg, progress=False, with_tokenizer=False)
+        for _, rid, prompt, n in arrivals:
+            engine.add_request(rid, prompt, SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True))
+        got: dict[int, list[int]] = {}
+        queued[eager] = 0  # steps queued ahead while a request waited
+        for _ in range(400):
+            if not engine.has_unfinished():
+                break
+            before, waiting = engine.steps_queued_ahead, engine.num_waiting
+            for ev in engine.step():
+                got.setdefault(ev.req_id, []).append(ev.token_id)
+            queued[eager] += waiting > 0 and engine.steps_queued_ahead > before
+        results[eager] = got
+        assert engine.used_slots == engine.cached_slots == engine.tokens_held()
+        del engine
+        gc.collect()
+        torch.cuda.empty_cache()
+    assert results[False] == results[True]
+    assert {rid: len(t) for rid, t in results[False].items()} == {rid: n for _, rid, _, n in arrivals}
+    # 10 requests of 8..39 tokens through 4 places: most steps have requests waiting
+    assert queued[True] == 0 and queued[False] > 20, queued
 
 
 @pytest.mark.skipif(cached_default_model_path() is None, reason="the default model is not in the cache (no network here)")

@@ -11,6 +11,7 @@ import transformers
 from support.int8_kv_check import CHATS, GREEDY_TOKENS, perplexity, text_ids
 
 from lightllm_plugin.config import EngineConfig
+from lightllm_plugin.engine.memory import kv_bytes_per_token
 from lightllm_plugin.engine.runner import ModelRunner
 from lightllm_plugin.models.default_model import cached_default_model_path
 from lightllm_plugin.models.kv_cache import QuantizedKVCache
@@ -32,10 +33,13 @@ def test_int8_pool_holds_at_least_1_9x_the_bf16_slots(tmp_path):
     slots = {}
     for kv in ("auto", "int8"):
         _free_cuda()
-        # a request cap high enough that free memory, not the cap, sizes the pool
+        # a request cap above what free memory holds in int8 (the smaller token), whatever the
+        # card: then free memory, not the cap, sizes the pool
+        int8_token = kv_bytes_per_token(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, torch.int8)
+        cap = torch.cuda.mem_get_info()[0] // (int8_token * 1024) + 1
         config = EngineConfig(model_dir=str(tmp_path), device="cuda", data_type="bfloat16", kv_cache_dtype=kv,
                               mem_fraction=0.3, max_req_total_len=1024, max_req_input_len=512,
-                              running_max_req_size=65536, enforce_eager=True)
+                              running_max_req_size=cap, enforce_eager=True)
         runner = ModelRunner(config, "hf", str(tmp_path), progress=False)
         slots[kv] = runner.size_kv_pool()
         assert isinstance(runner.kv_pool, QuantizedKVCache) == (kv == "int8")

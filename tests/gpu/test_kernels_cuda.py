@@ -12,6 +12,7 @@ from lightllm_plugin.kernels.decode_attention import decode_attention
 from lightllm_plugin.kernels.kv_scatter import kv_scatter, kv_scatter_ref, quantize_kv_ref
 from lightllm_plugin.kernels.one_row_linear import _chosen, one_row_linear
 from lightllm_plugin.kernels.prefill_attention import prefill_attention
+from lightllm_plugin.kernels.qk_rope_store import qk_rope_store, qk_rope_store_ref
 from lightllm_plugin.kernels.rmsnorm import rmsnorm, rmsnorm_ref
 from lightllm_plugin.kernels.rotary import rotary, rotary_ref
 from lightllm_plugin.kernels.silu_and_mul import silu_and_mul, silu_and_mul_ref
@@ -69,6 +70,40 @@ def test_rotary_cuda(dtype, tokens, heads, kv_heads, head_dim):
     rotary(q, k, freqs.cos(), freqs.sin())
     assert_close(q, q_ref, dtype)
     assert_close(k, k_ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("norm", [False, True])
+@pytest.mark.parametrize("tokens,heads,kv_heads", [(1, 32, 8), (1, 16, 8), (256, 32, 8), (4096, 16, 8)])
+def test_qk_rope_store_cuda(dtype, norm, tokens, heads, kv_heads):
+    """Against the references, and bit for bit (but for the norm's rounding) against the unfused
+    kernels it replaces."""
+    g, d = _gen(tokens + heads), 128
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * d, generator=g, device=DEV, dtype=dtype)
+    weights = [(1 + 0.3 * torch.randn(d, generator=g, device=DEV)).to(dtype) for _ in range(2)] if norm else [None, None]
+    pos = torch.randint(0, 8192, (tokens,), generator=g, device=DEV).float()
+    freqs = torch.outer(pos, 1.0 / (500000 ** (torch.arange(0, d, 2, device=DEV, dtype=torch.float32) / d)))
+    cos, sin = freqs.cos(), freqs.sin()
+    pool = torch.randn(3 * tokens + 9, 2 * kv_heads, d, generator=g, device=DEV, dtype=dtype)
+    slots = torch.randperm(3 * tokens + 8, generator=g, device=DEV)[:tokens] + 1
+    ref_pool, unfused_pool = pool.clone(), pool.clone()
+    q_ref = qk_rope_store_ref(qkv, heads, kv_heads, d, *weights, 1e-6, cos, sin, ref_pool, slots)
+    q = qk_rope_store(qkv, heads, kv_heads, d, *weights, 1e-6, cos, sin, pool, slots)
+    assert_close(q, q_ref, dtype)
+    assert_close(pool, ref_pool, dtype)
+    qv, kv, vv = (qkv[:, a:b].reshape(tokens, -1, d) for a, b in
+                  ((0, heads * d), (heads * d, (heads + kv_heads) * d), ((heads + kv_heads) * d, None)))
+    if norm:
+        qv, kv = rmsnorm(qv, weights[0], 1e-6)[0], rmsnorm(kv, weights[1], 1e-6)[0]
+    else:
+        qv, kv = qv.contiguous(), kv.contiguous()
+    rotary(qv, kv, cos, sin)
+    kv_scatter(unfused_pool, kv, vv, slots)
+    if norm:
+        # the norm's sum of squares is added up in another order: a rare last-bit difference
+        assert (q != qv).float().mean() < 1e-3 and (pool != unfused_pool).float().mean() < 1e-3
+    else:
+        assert torch.equal(q, qv) and torch.equal(pool, unfused_pool)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
