@@ -54,15 +54,17 @@ def qk_rope_store_ref(
     return q
 
 
-def _unfused(qkv, num_heads, kv_heads, head_dim, q_norm, k_norm, eps, cos, sin, kv_layer, slots) -> torch.Tensor:
-    # the separate ops, each with its own CPU path (those are tuned for the CPU engine's decode)
+def qk_rope_store_separate(qkv, num_heads, kv_heads, head_dim, q_norm, k_norm, eps, cos, sin, kv_layer, slots,
+                           kv_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """qk_rope_store as separate ops, each with its own CPU path (those are tuned for the CPU
+    engine's decode); kv_scale: an int8 pool's scales, quantized by kv_scatter as written."""
     q, k, v = _split(qkv, num_heads, kv_heads, head_dim)
     if q_norm is not None:
         q, k = rmsnorm(q, q_norm, eps)[0], rmsnorm(k, k_norm, eps)[0]
     else:
         q, k = q.contiguous(), k.contiguous()
     rotary(q, k, cos, sin)
-    kv_scatter(kv_layer, k, v, slots)
+    kv_scatter(kv_layer, k, v, slots, kv_scale)
     return q
 
 
@@ -147,7 +149,7 @@ def qk_rope_store(
     if (q_norm is None) != (k_norm is None):
         raise ValueError("qk_rope_store: q_norm and k_norm come together")
     if not (use_triton(qkv) and qkv.stride(-1) == 1 and kv_layer.stride(-1) == 1):
-        return _unfused(qkv, num_heads, kv_heads, head_dim, q_norm, k_norm, eps, cos, sin, kv_layer, slots)
+        return qk_rope_store_separate(qkv, num_heads, kv_heads, head_dim, q_norm, k_norm, eps, cos, sin, kv_layer, slots)
     q_out = torch.empty(tokens, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
     if tokens == 0:
         return q_out

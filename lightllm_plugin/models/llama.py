@@ -11,15 +11,14 @@ Projections are fused (qkv, gate_up) so each layer runs four matmuls.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 from torch import nn
 
-from lightllm_plugin.kernels.kv_scatter import kv_scatter
 from lightllm_plugin.kernels.one_row_linear import one_row_linear
-from lightllm_plugin.kernels.qk_rope_store import qk_rope_store
+from lightllm_plugin.kernels.qk_rope_store import qk_rope_store, qk_rope_store_separate
 from lightllm_plugin.kernels.rmsnorm import rmsnorm
-from lightllm_plugin.kernels.rotary import rotary
 from lightllm_plugin.kernels.silu_and_mul import silu_and_mul
 from lightllm_plugin.kernels.token_attention import token_attention
 from lightllm_plugin.models.kv_cache import AttentionMetadata, QuantizedKVCache
@@ -91,26 +90,16 @@ class DecoderLayer(nn.Module):
         eps = cfg.rms_norm_eps
         x, residual = rmsnorm(hidden, self.input_layernorm, eps, residual)
         qkv = self.qkv_proj(x)
-        q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        q_size = cfg.num_heads * cfg.head_dim
         # an int8 pool: quantized by kv_scatter as written, dequantized inside attention as read
         kv_scale = None
         if isinstance(kv_layer, QuantizedKVCache):
             kv_layer, kv_scale = kv_layer.values, kv_layer.scales
-        if kv_scale is None:
-            # q/k norm, rotary and the K/V write: one launch on GPUs instead of up to four
-            q = qk_rope_store(qkv, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, self.q_norm if cfg.qk_norm else None,
-                              self.k_norm if cfg.qk_norm else None, eps, cos, sin, kv_layer, meta.out_slots)
-        else:
-            q = qkv[:, :q_size].reshape(-1, cfg.num_heads, cfg.head_dim)  # [T, H, D]
-            k = qkv[:, q_size : q_size + kv_size].reshape(-1, cfg.num_kv_heads, cfg.head_dim)
-            v = qkv[:, q_size + kv_size :].reshape(-1, cfg.num_kv_heads, cfg.head_dim)
-            if cfg.qk_norm:
-                q = rmsnorm(q, self.q_norm, eps)[0]
-                k = rmsnorm(k, self.k_norm, eps)[0]
-            else:
-                q, k = q.contiguous(), k.contiguous()
-            rotary(q, k, cos, sin)
-            kv_scatter(kv_layer, k, v, meta.out_slots, kv_scale)
+        # q/k norm, rotary and the K/V write: one launch on GPUs instead of up to four (an int8
+        # pool takes the separate ops: its K/V are quantized as written)
+        fused = qk_rope_store if kv_scale is None else partial(qk_rope_store_separate, kv_scale=kv_scale)
+        q = fused(qkv, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, self.q_norm if cfg.qk_norm else None,
+                  self.k_norm if cfg.qk_norm else None, eps, cos, sin, kv_layer, meta.out_slots)
         attn = token_attention(
             q, kv_layer, meta.req_to_token, meta.b_req_idx, meta.b_seq_len, meta.b_q_start, meta.b_q_len, self.scale,
             kv_scale,
