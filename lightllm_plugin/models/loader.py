@@ -51,6 +51,7 @@ _EXPERT_RE = re.compile(r"^(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(gate_proj|
 _EXPERT_PIECE = {"gate_proj": ("w_gate_up", 0), "w1": ("w_gate_up", 0), "up_proj": ("w_gate_up", 1),
                  "w3": ("w_gate_up", 1), "down_proj": ("w_down", None), "w2": ("w_down", None)}
 _BARE_PREFIXES = ("embed_tokens.", "layers.", "norm.")
+_VL_PREFIXES = ("model.visual.", "model.language_model.")
 _RENAMED = {
     "self_attn.o_proj.weight": "o_proj.weight",
     "self_attn.o_proj.bias": "o_proj.bias",
@@ -167,6 +168,13 @@ def load_weights(
     stacking: dict[tuple[int, str], list] = {}
     for name, tensor in tqdm(tensors, total=total, desc="Loading weights", unit="tensor", disable=not progress):
         tensor = tensor.to(device)
+        # a vision-language checkpoint: transformers 5 names the parts model.visual and
+        # model.language_model in memory; saved files keep visual.* and model.*
+        if name.startswith(_VL_PREFIXES):
+            name = name.replace("model.visual.", "visual.", 1).replace("model.language_model.", "model.", 1)
+        if name.startswith("visual.") and hasattr(model, "visual"):
+            _assign(model, name, tensor)  # the tower's parameters carry the checkpoint's names
+            continue
         if name.startswith(_BARE_PREFIXES):
             # a checkpoint saved from the bare decoder (sentence-transformers folders such as
             # Qwen3-Embedding) names its weights without the causal LM's "model." prefix
