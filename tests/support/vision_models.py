@@ -108,6 +108,7 @@ class HFVisionReference:
 
         self.torch = torch
         self.model = transformers.AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
+        self.model.generation_config.eos_token_id = None  # 16 tokens whatever they are (ignore_eos)
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
         self.processor = transformers.Qwen2VLImageProcessorPil.from_pretrained(folder)
         self.image_token = self.model.config.image_token_id
