@@ -208,16 +208,20 @@ class ImageInputs:
     def takes_images(self) -> bool:
         return self.processor is not None
 
+    def check_count(self, sources: list[str]) -> None:
+        """Before the prompt is rendered (a text-only model's template may not take image parts)."""
+        if sources and not self.takes_images:
+            raise ValueError("images: this model is text-only; it does not take images")
+        if len(sources) > self.limit:
+            raise ValueError(f"images: {len(sources)} images, more than limit_mm_per_prompt={self.limit}")
+
     def prepare(self, ids: list[int], sources: list[str], field: str) -> tuple[list[int], list[ImageData]]:
         """The prompt with each image's placeholder expanded to its tokens, and the images."""
         if not sources:
             if self.takes_images and self.image_token_id in ids:
                 raise ValueError(f"{field} holds image placeholders but the request has no images")
             return ids, []
-        if not self.takes_images:
-            raise ValueError("images: this model is text-only; it does not take images")
-        if len(sources) > self.limit:
-            raise ValueError(f"images: {len(sources)} images, more than limit_mm_per_prompt={self.limit}")
+        self.check_count(sources)
         placeholders = ids.count(self.image_token_id)
         if placeholders != len(sources):
             raise ValueError(f"{field} has {placeholders} image placeholders for {len(sources)} images")

@@ -133,6 +133,7 @@ class LLM:
         for conv in conversations:
             # image parts (OpenAI's image_url, LangChain's image blocks) as the server takes them
             conv, sources = split_images(list(conv))
+            self._image_inputs().check_count(sources)
             text, ids = render_chat(self.tokenizer, conv, chat_template_kwargs=chat_template_kwargs,
                                     add_generation_prompt=add_generation_prompt)
             ids, images = self._image_inputs().prepare(ids, sources, "messages")

@@ -4,10 +4,10 @@ offline API's chat for one image, two images, and an image in the second turn.""
 
 import pytest
 import torch
+from support.hf_match import relative_error
+from support.vision_models import KINDS, HFVisionReference, build_vl_folder, data_url, png_bytes
 
 from lightllm_plugin import LLM, SamplingParams
-from tests.support.hf_match import relative_error
-from tests.support.vision_models import KINDS, HFVisionReference, build_vl_folder, data_url, png_bytes
 
 SQUARE, WIDE = png_bytes(56, 56, seed=1), png_bytes(112, 84, seed=2)  # 4 and 12 image tokens
 
