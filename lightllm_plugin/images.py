@@ -184,25 +184,31 @@ def _processor_class(name: str):
 
 
 class ImageInputs:
-    """A model folder's image preprocessing; `takes_images` False for a text-only model."""
+    """A model's image preprocessing: `processor` (None: a text-only model, which refuses
+    images), the placeholder token it expands, the vision tower's merge size."""
 
-    def __init__(self, model_path: str | None, limit: int, max_pixels: int, allowed_domains: list[str] | None,
-                 max_bytes: int):
+    def __init__(self, processor, image_token_id: int | None, merge: int, limit: int, max_pixels: int,
+                 allowed_domains: list[str] | None, max_bytes: int):
+        self.processor, self.image_token_id, self.merge = processor, image_token_id, merge
         self.limit, self.max_pixels, self.allowed, self.max_bytes = limit, max_pixels, allowed_domains, max_bytes
-        self.processor = None
-        self.image_token_id: int | None = None
+
+    @classmethod
+    def for_model(cls, model_path: str | None, limit: int, max_pixels: int, allowed_domains: list[str] | None,
+                  max_bytes: int) -> "ImageInputs":
+        """The preprocessing of a model folder (a GGUF file or a text-only folder takes no images)."""
+        checks = (limit, max_pixels, allowed_domains, max_bytes)
         config_path = os.path.join(model_path, "config.json") if model_path and os.path.isdir(model_path) else None
         if config_path is None or not os.path.exists(config_path):
-            return
+            return cls(None, None, 1, *checks)
         with open(config_path, encoding="utf-8") as f:
             cfg = json.load(f)
         if not set(cfg.get("architectures") or ()) & set(_VISION_ARCHITECTURES):
-            return
+            return cls(None, None, 1, *checks)
         with open(os.path.join(model_path, "preprocessor_config.json"), encoding="utf-8") as f:
             name = json.load(f)["image_processor_type"]
-        self.processor = _processor_class(name).from_pretrained(model_path)
-        self.image_token_id = cfg.get("image_token_id", (cfg.get("text_config") or {}).get("image_token_id"))
-        self.merge = int(cfg["vision_config"].get("spatial_merge_size", 2))
+        processor = _processor_class(name).from_pretrained(model_path)
+        image_token_id = cfg.get("image_token_id", (cfg.get("text_config") or {}).get("image_token_id"))
+        return cls(processor, image_token_id, int(cfg["vision_config"].get("spatial_merge_size", 2)), *checks)
 
     @property
     def takes_images(self) -> bool:

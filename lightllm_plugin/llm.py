@@ -145,7 +145,7 @@ class LLM:
     def _image_inputs(self) -> ImageInputs:
         if self._images is None:
             c = self.config
-            self._images = ImageInputs(c.resolved_model_path, c.limit_mm_per_prompt, c.max_image_pixels,
+            self._images = ImageInputs.for_model(c.resolved_model_path, c.limit_mm_per_prompt, c.max_image_pixels,
                                        c.allowed_media_domains, c.max_body_size)
         return self._images
 

@@ -59,7 +59,7 @@ def load_image_inputs_for(config):
     from lightllm_plugin.models.tokenizer import resolve_model_path
 
     _, path = resolve_model_path(config.model_dir)
-    return ImageInputs(path, config.limit_mm_per_prompt, config.max_image_pixels, config.allowed_media_domains,
+    return ImageInputs.for_model(path, config.limit_mm_per_prompt, config.max_image_pixels, config.allowed_media_domains,
                        config.max_body_size)
 
 
