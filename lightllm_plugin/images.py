@@ -23,7 +23,8 @@ from typing import Any
 import msgspec
 
 # the architectures that take images; their config names the placeholder token
-_VISION_ARCHITECTURES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+_VISION_ARCHITECTURES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration",
+                         "LlavaForConditionalGeneration")
 FETCH_TIMEOUT_S = 10.0
 
 
@@ -185,12 +186,16 @@ def _processor_class(name: str):
 
 class ImageInputs:
     """A model's image preprocessing: `processor` (None: a text-only model, which refuses
-    images), the placeholder token it expands, the vision tower's merge size."""
+    images), the placeholder token it expands, the vision tower's merge size (Qwen2-VL: its
+    processor gives the patch grid), or for a LLaVA model (`patch_size` set) the CLIP patch size
+    and whether the class token is one of the image's tokens."""
 
     def __init__(self, processor, image_token_id: int | None, merge: int, limit: int, max_pixels: int,
-                 allowed_domains: list[str] | None, max_bytes: int):
+                 allowed_domains: list[str] | None, max_bytes: int, patch_size: int | None = None,
+                 class_token: bool = False):
         self.processor, self.image_token_id, self.merge = processor, image_token_id, merge
         self.limit, self.max_pixels, self.allowed, self.max_bytes = limit, max_pixels, allowed_domains, max_bytes
+        self.patch_size, self.class_token = patch_size, class_token
 
     @classmethod
     def for_model(cls, model_path: str | None, limit: int, max_pixels: int, allowed_domains: list[str] | None,
@@ -207,8 +212,13 @@ class ImageInputs:
         with open(os.path.join(model_path, "preprocessor_config.json"), encoding="utf-8") as f:
             name = json.load(f)["image_processor_type"]
         processor = _processor_class(name).from_pretrained(model_path)
+        vision = cfg["vision_config"]
+        if "LlavaForConditionalGeneration" in cfg["architectures"]:
+            return cls(processor, cfg.get("image_token_id", cfg.get("image_token_index")), 1, *checks,
+                       patch_size=int(vision["patch_size"]),
+                       class_token=cfg.get("vision_feature_select_strategy", "default") == "full")
         image_token_id = cfg.get("image_token_id", (cfg.get("text_config") or {}).get("image_token_id"))
-        return cls(processor, image_token_id, int(cfg["vision_config"].get("spatial_merge_size", 2)), *checks)
+        return cls(processor, image_token_id, int(vision.get("spatial_merge_size", 2)), *checks)
 
     @property
     def takes_images(self) -> bool:
@@ -252,8 +262,15 @@ class ImageInputs:
                 continue
             batch = self.processor(images=[next(pending)], return_tensors="np")
             pixels = np.ascontiguousarray(batch["pixel_values"], dtype=np.float32)
-            grid = [int(v) for v in np.asarray(batch["image_grid_thw"])[0]]
-            num_tokens = grid[0] * grid[1] * grid[2] // self.merge**2
+            if self.patch_size is None:  # Qwen2-VL: patches [t*h*w, patch_dim] and their grid
+                grid = [int(v) for v in np.asarray(batch["image_grid_thw"])[0]]
+                num_tokens = grid[0] * grid[1] * grid[2] // self.merge**2
+            else:  # LLaVA: one [C, H, W] image, cut into patches by the tower
+                _, channels, height, width = pixels.shape
+                p = self.patch_size
+                grid = [1, height // p, width // p]
+                num_tokens = grid[1] * grid[2] + (1 if self.class_token else 0)
+                pixels = pixels.reshape(-1, channels * p * p)
             raw = pixels.tobytes()
             digest = hashlib.sha256(np.asarray(grid, dtype=np.int64).tobytes() + raw).hexdigest()
             data.append(ImageData(hash=digest, offset=len(out_ids), num_tokens=num_tokens, grid=grid, pixels=raw,

@@ -222,7 +222,7 @@ class EngineCore:
                 raise ValueError("images: this model is text-only; it does not take images")
             model = self.runner.model
             check_images(prompt_ids, images, self.model_cfg.image_token_id, model.image_tokens)
-            mm, cache_ids = build_prompt(prompt_ids, images, model.spatial_merge_size)
+            mm, cache_ids = build_prompt(prompt_ids, images, model)
         generator = self.runner.add_generator(req_id, params.seed) if params.seed is not None else None
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:

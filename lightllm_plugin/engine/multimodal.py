@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from lightllm_plugin.images import ImageData
-from lightllm_plugin.models.qwen2_vl import MultimodalInputs, mrope_positions
+from lightllm_plugin.models.qwen2_vl import MultimodalInputs
 
 _INDEX_BITS = 24  # image tokens of one image: fewer than 2**24
 
@@ -65,9 +65,10 @@ def check_images(prompt_ids: list[int], images: list[ImageData], image_token_id:
         previous_end = image.offset + image.num_tokens
 
 
-def build_prompt(prompt_ids: list[int], images: list[ImageData], merge: int) -> tuple[MultimodalPrompt, list[int]]:
-    """The request's multimodal state and its prefix-cache key."""
-    positions, delta = mrope_positions(len(prompt_ids), [(im.offset, tuple(im.grid)) for im in images], merge)
+def build_prompt(prompt_ids: list[int], images: list[ImageData], model) -> tuple[MultimodalPrompt, list[int]]:
+    """The request's multimodal state and its prefix-cache key; `model` gives the positions
+    (M-RoPE's, or the sequence index)."""
+    positions, delta = model.prompt_positions(len(prompt_ids), [(im.offset, tuple(im.grid)) for im in images])
     key = list(prompt_ids)
     for image in images:
         base = int(image.hash[:13], 16) << _INDEX_BITS

@@ -51,7 +51,13 @@ _EXPERT_RE = re.compile(r"^(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(gate_proj|
 _EXPERT_PIECE = {"gate_proj": ("w_gate_up", 0), "w1": ("w_gate_up", 0), "up_proj": ("w_gate_up", 1),
                  "w3": ("w_gate_up", 1), "down_proj": ("w_down", None), "w2": ("w_down", None)}
 _BARE_PREFIXES = ("embed_tokens.", "layers.", "norm.")
-_VL_PREFIXES = ("model.visual.", "model.language_model.")
+# (prefix, replacement): LLaVA files name the language model language_model.model.* (older ones
+# the tower vision_tower.vision_model.*); in memory transformers 5 holds model.<part>.*
+_VL_RENAMES = (("model.visual.", "visual."), ("model.language_model.", "model."),
+               ("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
+               ("vision_tower.vision_model.", "vision_tower."), ("model.vision_tower.", "vision_tower."),
+               ("model.multi_modal_projector.", "multi_modal_projector."))
+_VISION_PARTS = ("visual.", "vision_tower.", "multi_modal_projector.")
 _RENAMED = {
     "self_attn.o_proj.weight": "o_proj.weight",
     "self_attn.o_proj.bias": "o_proj.bias",
@@ -170,9 +176,11 @@ def load_weights(
         tensor = tensor.to(device)
         # a vision-language checkpoint: transformers 5 names the parts model.visual and
         # model.language_model in memory; saved files keep visual.* and model.*
-        if name.startswith(_VL_PREFIXES):
-            name = name.replace("model.visual.", "visual.", 1).replace("model.language_model.", "model.", 1)
-        if name.startswith("visual.") and hasattr(model, "visual"):
+        for old, new in _VL_RENAMES:
+            if name.startswith(old):
+                name = new + name[len(old):]
+                break
+        if name.startswith(_VISION_PARTS) and hasattr(model, name.split(".", 1)[0]):
             _assign(model, name, tensor)  # the tower's parameters carry the checkpoint's names
             continue
         if name.startswith(_BARE_PREFIXES):

@@ -16,7 +16,10 @@ SUPPORTED_ARCHITECTURES = (
     "Qwen3MoeForCausalLM",
 )
 # a vision tower before a Qwen2 language model with M-RoPE positions (models/qwen2_vl.py)
-VISION_LANGUAGE_ARCHITECTURES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+VISION_LANGUAGE_ARCHITECTURES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration",
+                                 "LlavaForConditionalGeneration")  # LLaVA: models/llava.py
+# a LLaVA language model's family, by its text config's model_type
+_LLAVA_TEXT_FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 # the same families with a `score` head instead of the language-model head (reward models, classifiers)
 SEQUENCE_CLASSIFICATION_ARCHITECTURES = tuple(a.replace("ForCausalLM", "ForSequenceClassification")
                                               for a in SUPPORTED_ARCHITECTURES)
@@ -76,7 +79,9 @@ class ModelConfig:
                 f"registered: {', '.join(known) or '(none)'}"
             )
         vision = {}
-        if arch in VISION_LANGUAGE_ARCHITECTURES:
+        if arch == "LlavaForConditionalGeneration":
+            cfg, vision = _llava_fields(cfg)
+        elif arch in VISION_LANGUAGE_ARCHITECTURES:
             cfg, vision = _vision_language_fields(cfg)
         if cfg.get("mlp_bias"):
             raise ValueError("unsupported model: mlp_bias=True")
@@ -86,7 +91,9 @@ class ModelConfig:
         attention_bias = bool(cfg.get("attention_bias", False))
         # a classifier is its family's causal LM with another head: the same flags
         family = arch.replace("ForSequenceClassification", "ForCausalLM")
-        is_qwen2 = family in ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM") or arch in VISION_LANGUAGE_ARCHITECTURES
+        if arch in VISION_LANGUAGE_ARCHITECTURES:
+            family = vision.pop("family")
+        is_qwen2 = family in ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM")
         eos = cfg.get("eos_token_id")
         return cls(
             architecture=arch,
@@ -134,7 +141,26 @@ def _vision_language_fields(cfg: dict[str, Any]) -> tuple[dict[str, Any], dict[s
     text["rope_parameters"], text["rope_scaling"] = params or None, scaling or None
     image_token = cfg.get("image_token_id", text.get("image_token_id"))
     return text, dict(vision_config=dict(cfg["vision_config"]), mrope_section=tuple(int(s) for s in section),
-                      image_token_id=image_token)
+                      image_token_id=image_token, family="Qwen2ForCausalLM")
+
+
+def _llava_fields(cfg: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the language model's flat config, the vision fields) of a LLaVA config: the CLIP tower's
+    config with the choice of feature layer and the projector's settings beside it."""
+    text_cfg = cfg.get("text_config") or {}
+    family = _LLAVA_TEXT_FAMILIES.get(text_cfg.get("model_type", "llama"))
+    if family is None:
+        raise ValueError(f"unsupported LLaVA language model {text_cfg.get('model_type')!r}; "
+                         f"supported: {', '.join(_LLAVA_TEXT_FAMILIES)}")
+    text = {key: value for key, value in cfg.items() if key not in ("vision_config", "text_config")}
+    text.update(text_cfg)
+    if isinstance(cfg.get("vision_feature_layer", -2), list):
+        raise ValueError("LLaVA with several vision_feature_layer is not supported")
+    vision = dict(cfg["vision_config"])
+    vision.update({key: cfg[key] for key in ("vision_feature_layer", "vision_feature_select_strategy",
+                                             "projector_hidden_act", "multimodal_projector_bias") if key in cfg})
+    image_token = cfg.get("image_token_id", cfg.get("image_token_index"))
+    return text, dict(vision_config=vision, image_token_id=image_token, family=family)
 
 
 def _moe_settings(cfg: dict[str, Any], arch: str) -> dict[str, Any]:

@@ -68,6 +68,9 @@ class Qwen2VLModel(LlamaFamilyModel):
     def spatial_merge_size(self) -> int:
         return self.vision_cfg.spatial_merge_size
 
+    def prompt_positions(self, prompt_len: int, images: list[tuple[int, tuple[int, int, int]]]):
+        return mrope_positions(prompt_len, images, self.spatial_merge_size)
+
     def image_tokens(self, grid: tuple[int, int, int]) -> int:
         t, h, w = grid
         return t * h * w // self.spatial_merge_size**2

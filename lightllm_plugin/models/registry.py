@@ -19,11 +19,13 @@ def builtin_models() -> dict[str, Any]:
     the api process lists the table without paying for it."""
     from lightllm_plugin.models.classifier import SequenceClassificationModel
     from lightllm_plugin.models.llama import LlamaFamilyModel
+    from lightllm_plugin.models.llava import LlavaModel
     from lightllm_plugin.models.qwen2_vl import Qwen2VLModel
 
     table = {architecture: LlamaFamilyModel for architecture in SUPPORTED_ARCHITECTURES}
     table.update({architecture: SequenceClassificationModel for architecture in SEQUENCE_CLASSIFICATION_ARCHITECTURES})
     table.update({architecture: Qwen2VLModel for architecture in VISION_LANGUAGE_ARCHITECTURES})
+    table["LlavaForConditionalGeneration"] = LlavaModel
     return table
 
 

@@ -1,11 +1,11 @@
-"""Qwen2-VL and Qwen2.5-VL against Hugging Face transformers on tiny random folders: the vision
-tower's output (Qwen2.5-VL's with several attention windows per image), and greedy tokens of the
-offline API's chat for one image, two images, and an image in the second turn."""
+"""Qwen2-VL, Qwen2.5-VL and LLaVA against Hugging Face transformers on tiny random folders: the
+vision tower's output (Qwen2.5-VL's with several attention windows per image), and greedy tokens
+of the offline API's chat for one image, two images, and an image in the second turn."""
 
 import pytest
 import torch
 from support.hf_match import relative_error
-from support.vision_models import KINDS, HFVisionReference, build_vl_folder, data_url, png_bytes
+from support.vision_models import ALL_KINDS, HFVisionReference, build_folder, data_url, png_bytes
 
 from lightllm_plugin import LLM, SamplingParams
 
@@ -34,9 +34,9 @@ def hf_messages(messages):
              else [{"type": "image"} if p["type"] == "image_url" else p for p in m["content"]]} for m in messages]
 
 
-@pytest.fixture(scope="module", params=KINDS)
+@pytest.fixture(scope="module", params=ALL_KINDS)
 def vl_model(request, tmp_path_factory):
-    folder = build_vl_folder(tmp_path_factory.mktemp(request.param), request.param)
+    folder = build_folder(tmp_path_factory.mktemp(request.param), request.param)
     llm = LLM(folder, max_total_token_num=2048, max_req_total_len=512, max_req_input_len=256, progress=False)
     yield llm, HFVisionReference(folder)
     llm.close()
@@ -45,7 +45,9 @@ def vl_model(request, tmp_path_factory):
 def test_vision_tower_matches_hf(vl_model):
     llm, hf = vl_model
     pixels, grid = hf.pixels([SQUARE, WIDE])
-    ours = llm.engine.runner.encode_images([pixels], [tuple(g) for g in grid.tolist()])
+    # LLaVA's [B, C, H, W] images as rows of patch size, the layout lightllm_plugin/images.py sends
+    ours = llm.engine.runner.encode_images([pixels.reshape(int(grid.prod(-1).sum()), -1)],
+                                           [tuple(g) for g in grid.tolist()])
     ref = hf.vision([SQUARE, WIDE])
     assert relative_error(torch.cat(ours), ref) < 1e-4
 
