@@ -38,6 +38,7 @@ def hf_messages(messages):
 def vl_model(request, tmp_path_factory):
     folder = build_folder(tmp_path_factory.mktemp(request.param), request.param)
     llm = LLM(folder, max_total_token_num=2048, max_req_total_len=512, max_req_input_len=256, progress=False)
+    llm.folder = folder
     yield llm, HFVisionReference(folder)
     llm.close()
 
@@ -84,3 +85,17 @@ def test_image_embeddings_and_prefix_cache_keyed_by_image(vl_model):
     assert engine.images_encoded - encoded == 2
     engine.flush_cache()
     assert engine.used_slots == 0
+
+
+def test_prompt_chunks_that_cut_through_images(vl_model):
+    """Prefill chunks of 5 tokens: each image's tokens arrive over several steps (its embedding is
+    computed once, at the first), as does the text between them."""
+    llm, hf = vl_model
+    chunked = LLM(llm.folder, max_total_token_num=2048, max_req_total_len=512, max_req_input_len=256,
+                  progress=False, chunked_prefill_size=5)
+    messages, images = CHATS["two images"]
+    params = SamplingParams(temperature=0, max_new_tokens=16, ignore_eos=True)
+    got = chunked.chat(messages, params, use_tqdm=False)[0].outputs[0].token_ids
+    assert got == hf.generate(hf_messages(messages), images)
+    assert chunked.engine.images_encoded == 2
+    chunked.close()
