@@ -30,6 +30,9 @@ def solid_png(width: int, height: int) -> bytes:
     return buffer.getvalue()
 
 
+pytestmark = pytest.mark.slow  # the module's server takes over 10 s to start on 2 cores
+
+
 RED, BLUE, GREEN = png_bytes(56, 56, seed=11), png_bytes(112, 84, seed=12), png_bytes(56, 56, seed=13)
 LARGE = solid_png(128, 128)  # 16384 pixels: over the server's --max_image_pixels, yet a small file
 MAX_BODY = 65536
