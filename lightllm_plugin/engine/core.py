@@ -425,22 +425,22 @@ class EngineCore:
             if live.mm is None:
                 continue
             for span in live.mm.unencoded(sched.chunk_start, sched.chunk_start + sched.chunk_len):
-                cached = self.image_cache.get(span.data.hash)
+                cached = self.image_cache.get(span.hash)
                 if cached is not None:
-                    span.embedding = cached
+                    span.set_embedding(cached)
                 else:
-                    missing.setdefault(span.data.hash, (live.mm, []))[1].append(span)
+                    missing.setdefault(span.hash, (live.mm, []))[1].append(span)
         if not missing:
             return
         groups = list(missing.values())
         pixels = [mm.pixels(spans[0]) for mm, spans in groups]
-        grids = [tuple(spans[0].data.grid) for _, spans in groups]
+        grids = [spans[0].grid for _, spans in groups]
         embeddings = self.runner.encode_images(pixels, grids)
         self.images_encoded += len(groups)
         for (_, spans), embedding in zip(groups, embeddings):
-            self.image_cache.put(spans[0].data.hash, embedding)
+            self.image_cache.put(spans[0].hash, embedding)
             for span in spans:
-                span.embedding = embedding
+                span.set_embedding(embedding)
 
     def _pooling_step(self, batch) -> list[PoolingEvent]:
         """A step of pooling requests: prompt chunks only (none ever decodes). A request whose

@@ -22,16 +22,21 @@ _INDEX_BITS = 24  # image tokens of one image: fewer than 2**24
 
 @dataclass
 class ImageSpan:
-    data: ImageData
+    hash: str
+    start: int  # its first token's index in the prompt
+    end: int
+    grid: tuple[int, int, int]
+    patch_dim: int
+    pixels: bytes  # dropped once the embedding is there: a 1024x1024 image's patches are 26 MB
     embedding: torch.Tensor | None = None  # [num_tokens, hidden] once encoded
 
-    @property
-    def start(self) -> int:
-        return self.data.offset
+    @classmethod
+    def of(cls, image: ImageData) -> "ImageSpan":
+        return cls(image.hash, image.offset, image.offset + image.num_tokens, tuple(image.grid), image.patch_dim,
+                   image.pixels)
 
-    @property
-    def end(self) -> int:
-        return self.data.offset + self.data.num_tokens
+    def set_embedding(self, embedding: torch.Tensor) -> None:
+        self.embedding, self.pixels = embedding, b""
 
 
 @dataclass
@@ -41,8 +46,7 @@ class MultimodalPrompt:
     spans: list[ImageSpan] = field(default_factory=list)
 
     def pixels(self, span: ImageSpan) -> torch.Tensor:
-        d = span.data
-        return torch.from_numpy(np.frombuffer(d.pixels, dtype=np.float32).reshape(-1, d.patch_dim).copy())
+        return torch.from_numpy(np.frombuffer(span.pixels, dtype=np.float32).reshape(-1, span.patch_dim).copy())
 
     def unencoded(self, start: int, end: int) -> list[ImageSpan]:
         """The images with tokens in [start, end) whose embeddings are not there yet."""
@@ -74,7 +78,7 @@ def build_prompt(prompt_ids: list[int], images: list[ImageData], model) -> tuple
         base = int(image.hash[:13], 16) << _INDEX_BITS
         for j in range(image.num_tokens):
             key[image.offset + j] = -1 - (base | j)
-    return MultimodalPrompt(positions, delta, [ImageSpan(im) for im in images]), key
+    return MultimodalPrompt(positions, delta, [ImageSpan.of(im) for im in images]), key
 
 
 def step_inputs(entries, device: torch.device) -> MultimodalInputs | None:
