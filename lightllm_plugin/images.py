@@ -214,7 +214,8 @@ class ImageInputs:
         processor = _processor_class(name).from_pretrained(model_path)
         vision = cfg["vision_config"]
         if "LlavaForConditionalGeneration" in cfg["architectures"]:
-            return cls(processor, cfg.get("image_token_id", cfg.get("image_token_index")), 1, *checks,
+            token = cfg.get("image_token_id")
+            return cls(processor, cfg.get("image_token_index") if token is None else token, 1, *checks,
                        patch_size=int(vision["patch_size"]),
                        class_token=cfg.get("vision_feature_select_strategy", "default") == "full")
         image_token_id = cfg.get("image_token_id", (cfg.get("text_config") or {}).get("image_token_id"))

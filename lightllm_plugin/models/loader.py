@@ -121,7 +121,23 @@ def read_hf_config(model_dir: str) -> dict:
         # generation_config's eos ids win: chat models list their end-of-turn token there
         if gen.get("eos_token_id") is not None:
             cfg["eos_token_id"] = gen["eos_token_id"]
+    if "LlavaForConditionalGeneration" in (cfg.get("architectures") or ()):
+        cfg = _with_llava_defaults(cfg)
     return cfg
+
+
+def _with_llava_defaults(cfg: dict) -> dict:
+    """LLaVA files leave out every field of their text and vision configs that equals the
+    family's default (llava-1.5's text_config names little more than its vocabulary): filled in
+    by transformers' own config classes."""
+    import transformers
+
+    given = {k: v for k, v in cfg.items() if k not in ("model_type", "transformers_version")}
+    full = transformers.LlavaConfig(**given).to_dict()
+    full["architectures"] = cfg["architectures"]
+    if cfg.get("eos_token_id") is not None:
+        full["eos_token_id"] = cfg["eos_token_id"]
+    return full
 
 
 def _safetensors_files(model_dir: str) -> list[str]:

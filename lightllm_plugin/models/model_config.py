@@ -157,9 +157,11 @@ def _llava_fields(cfg: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     if isinstance(cfg.get("vision_feature_layer", -2), list):
         raise ValueError("LLaVA with several vision_feature_layer is not supported")
     vision = dict(cfg["vision_config"])
+    vision.setdefault("in_channels", vision.get("num_channels", 3))
     vision.update({key: cfg[key] for key in ("vision_feature_layer", "vision_feature_select_strategy",
                                              "projector_hidden_act", "multimodal_projector_bias") if key in cfg})
-    image_token = cfg.get("image_token_id", cfg.get("image_token_index"))
+    image_token = cfg.get("image_token_id")
+    image_token = cfg.get("image_token_index") if image_token is None else image_token
     return text, dict(vision_config=vision, image_token_id=image_token, family=family)
 
 

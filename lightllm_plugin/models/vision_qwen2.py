@@ -41,7 +41,8 @@ class VisionConfig:
         common = dict(
             variant=variant, depth=vision["depth"], num_heads=vision["num_heads"],
             patch_size=vision.get("patch_size", 14), temporal_patch_size=vision.get("temporal_patch_size", 2),
-            spatial_merge_size=vision.get("spatial_merge_size", 2), in_channels=vision.get("in_channels", 3),
+            spatial_merge_size=vision.get("spatial_merge_size", 2),
+            in_channels=vision.get("in_channels", vision.get("in_chans", 3)),  # older files: in_chans
             rope_theta=float(rope.get("rope_theta", 10000.0)),
         )
         if variant == "qwen2_vl":

@@ -99,3 +99,36 @@ def test_prompt_chunks_that_cut_through_images(vl_model):
     assert got == hf.generate(hf_messages(messages), images)
     assert chunked.engine.images_encoded == 2
     chunked.close()
+
+
+def test_published_config_layouts_parse(tmp_path):
+    """The layouts of released checkpoints: Qwen2-VL-7B-Instruct's flat config with M-RoPE as a
+    rope_scaling type, and llava-1.5's, whose text_config leaves Llama's defaults out."""
+    import json
+
+    from lightllm_plugin.models.loader import read_hf_config
+    from lightllm_plugin.models.model_config import ModelConfig
+    from lightllm_plugin.models.vision_qwen2 import VisionConfig
+
+    qwen = {"architectures": ["Qwen2VLForConditionalGeneration"], "hidden_size": 3584, "intermediate_size": 18944,
+            "num_attention_heads": 28, "num_hidden_layers": 28, "num_key_value_heads": 4, "rms_norm_eps": 1e-06,
+            "rope_theta": 1000000.0, "sliding_window": 32768, "use_sliding_window": False, "vocab_size": 152064,
+            "image_token_id": 151655, "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+            "vision_config": {"depth": 32, "embed_dim": 1280, "mlp_ratio": 4, "num_heads": 16, "in_chans": 3,
+                              "hidden_size": 3584, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2}}
+    cfg = ModelConfig.from_hf_dict(qwen)
+    assert (cfg.mrope_section, cfg.rope_theta, cfg.rope_scaling, cfg.qkv_bias, cfg.o_bias, cfg.sliding_window) == (
+        (16, 24, 24), 1000000.0, None, True, False, None)
+    vision = VisionConfig.from_hf_dict(cfg.vision_config, "qwen2_vl", cfg.hidden_size)
+    assert (vision.embed_dim, vision.mlp_hidden, vision.out_dim, vision.hidden_act) == (1280, 5120, 3584, "quick_gelu")
+    llava = {"architectures": ["LlavaForConditionalGeneration"], "image_token_index": 32000, "model_type": "llava",
+             "projector_hidden_act": "gelu", "vision_feature_layer": -2, "vision_feature_select_strategy": "default",
+             "text_config": {"model_type": "llama", "max_position_embeddings": 4096, "rms_norm_eps": 1e-05,
+                             "vocab_size": 32064},
+             "vision_config": {"hidden_size": 1024, "image_size": 336, "intermediate_size": 4096,
+                               "model_type": "clip_vision_model", "num_attention_heads": 16, "num_hidden_layers": 24,
+                               "patch_size": 14, "projection_dim": 768}}
+    (tmp_path / "config.json").write_text(json.dumps(llava))
+    cfg = ModelConfig.from_hf_dict(read_hf_config(str(tmp_path)))
+    assert (cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.intermediate_size, cfg.vocab_size, cfg.image_token_id) == (
+        4096, 32, 32, 11008, 32064, 32000)
