@@ -146,8 +146,8 @@ def main() -> None:
 
     def one_request(seed: int):
         """(preprocessing s, engine TTFT s, prompt ids, images) of a request with a new image."""
-        start = time.perf_counter()
         source = "data:image/png;base64," + base64.b64encode(png(args.image_size, seed)).decode()
+        start = time.perf_counter()  # from the request's data URL: base64, PNG decode, processor
         ids, images = inputs.prepare([image_token] + text_ids, [source], "inputs")
         prep = time.perf_counter() - start
         sync(args.device)
