@@ -28,6 +28,7 @@ LLAVA_CHAT_TEMPLATE = CHAT_TEMPLATE.replace("<|vision_start|><|image_pad|><|visi
 CORPUS = ["What is in this picture? Describe the image.", "A red square, a blue circle and two cats.",
           "user assistant system Compare the two images in detail."] * 4
 KINDS = ("qwen2_vl", "qwen2_5_vl")
+IMAGE_GAIN = 30.0
 ALL_KINDS = KINDS + ("llava",)
 
 
@@ -71,6 +72,7 @@ def build_llava_folder(folder: Path) -> str:
         for name, p in model.named_parameters():
             if "norm" in name or "bias" in name:
                 p.add_(torch.randn_like(p) * 0.1)
+        model.model.multi_modal_projector.linear_2.weight.mul_(IMAGE_GAIN)
     model.to(torch.float32).save_pretrained(folder)
     transformers.CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}
                                        ).save_pretrained(folder)
@@ -114,6 +116,9 @@ def build_vl_folder(folder: Path, kind: str) -> str:
         for name, p in model.named_parameters():
             if "norm" in name or "bias" in name or "ln_q" in name:
                 p.add_(torch.randn_like(p) * 0.1)
+        # image embeddings as large as the text's would leave the answer nearly blind to the
+        # image: scaled up, another image gives other tokens
+        model.model.visual.merger.mlp[2].weight.mul_(IMAGE_GAIN)
     model.to(torch.float32).save_pretrained(folder)
     processor = transformers.Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=224 * 224)
     processor.save_pretrained(folder)
