@@ -216,10 +216,10 @@ class ModelRunner:
         # Under tensor parallelism decode runs eagerly: a graph replay would have to be
         # mirrored on every rank, and chained steps take input ids only rank 0 has.
         # pooling requests end with their prefill: there is no decode step to capture
-        # a vision model's decode positions are shifted by each request's M-RoPE delta, which
-        # the captured graphs (position = sequence index) do not take: its steps run eagerly
+        # an M-RoPE model's decode positions are shifted by each request's delta, which the
+        # captured graphs (position = sequence index) do not take: its steps run eagerly
         if self.device.type == "cuda" and not self.config.enforce_eager and self.tp_group is None \
-                and self.pooler is None and not self.vision:
+                and self.pooler is None and not getattr(self.model, "shifted_positions", False):
             self.decode_graphs = DecodeGraphs(
                 self.model, self.kv_pool, self.req_table.req_to_token, self.req_table.scratch_row,
                 self.config.running_max_req_size,

@@ -54,6 +54,9 @@ def mrope_positions(prompt_len: int, images: list[tuple[int, tuple[int, int, int
 
 
 class Qwen2VLModel(LlamaFamilyModel):
+    # a token after an image sits at its sequence index + the request's delta (not the index)
+    shifted_positions = True
+
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype):
         super().__init__(cfg, dtype)
         variant = "qwen2_5_vl" if cfg.architecture.startswith("Qwen2_5") else "qwen2_vl"
