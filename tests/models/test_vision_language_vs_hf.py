@@ -25,6 +25,7 @@ CHATS = {
                                   {"role": "assistant", "content": "A red square"},
                                   {"role": "user", "content": [image_part(WIDE), {"type": "text", "text": "and this?"}]}],
                                  [WIDE]),
+    "no image": ([{"role": "user", "content": "Describe a red square."}], []),  # in the batch of the others
 }
 
 
@@ -56,7 +57,7 @@ def test_vision_tower_matches_hf(vl_model):
 def test_greedy_tokens_match_hf_generate(vl_model):
     llm, hf = vl_model
     params = SamplingParams(temperature=0, max_new_tokens=16, ignore_eos=True)
-    # the three chats in one batch: their images go through one vision step together
+    # the chats in one batch: their images go through one vision step together
     outputs = llm.chat([messages for messages, _ in CHATS.values()], params, use_tqdm=False)
     for (name, (messages, images)), out in zip(CHATS.items(), outputs):
         assert out.outputs[0].token_ids == hf.generate(hf_messages(messages), images), name
