@@ -220,6 +220,8 @@ class EngineCore:
         if images:
             if not self.runner.vision:
                 raise ValueError("images: this model is text-only; it does not take images")
+            if self.pooler is not None:
+                raise ValueError("images: a pooling task (reward, embed, classify, score) takes text only")
             model = self.runner.model
             check_images(prompt_ids, images, self.model_cfg.image_token_id, model.image_tokens)
             mm, cache_ids = build_prompt(prompt_ids, images, model)
