@@ -38,6 +38,8 @@ try:
         HumanMessage,
         SystemMessage,
         ToolMessage,
+        convert_to_openai_data_block,
+        is_data_content_block,
     )
     from langchain_core.messages.ai import InputTokenDetails, UsageMetadata
     from langchain_core.messages.tool import tool_call_chunk
@@ -387,12 +389,29 @@ class LightLLM(_LightLLMCommon, LLM):
 
 
 # ---- chat model --------------------------------------------------------------------------
+def _content(content: Any) -> Any:
+    """Text blocks as one string; with images, OpenAI content parts: LangChain's standard image
+    blocks through langchain-core's own converter, OpenAI `image_url` parts as they are."""
+    if not isinstance(content, list):
+        return content
+    parts: list[dict[str, Any]] = []
+    for p in content:
+        if isinstance(p, str):
+            parts.append({"type": "text", "text": p})
+        elif p.get("type") == "text":
+            parts.append({"type": "text", "text": p.get("text", "")})
+        elif p.get("type") == "image_url":
+            parts.append({"type": "image_url", "image_url": p["image_url"]})
+        elif p.get("type") == "image" and is_data_content_block(p):
+            parts.append(convert_to_openai_data_block(p))
+    if all(p["type"] == "text" for p in parts):
+        return "".join(p["text"] for p in parts)
+    return parts
+
+
 def message_to_dict(message: BaseMessage) -> dict[str, Any]:
     """A LangChain message as an OpenAI chat message."""
-    content = message.content
-    if isinstance(content, list):  # text blocks only: the server takes text
-        content = "".join(p if isinstance(p, str) else p.get("text", "") for p in content
-                          if isinstance(p, str) or p.get("type") == "text")
+    content = _content(message.content)
     if isinstance(message, SystemMessage):
         return {"role": "system", "content": content}
     if isinstance(message, HumanMessage):

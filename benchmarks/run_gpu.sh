@@ -3,7 +3,7 @@
 # int8 KV benchmarks, each under its own time limit so one failure does not cost the others.
 # Logs go to $OUT (or ./gpu_logs); the tables are printed again at the end.
 # Usage: benchmarks/run_gpu.sh [tests] [default] [latency] [llama] [qwen] [serving] [int8]
-#        [prefix] [chunks] [chat] [structured] [before_after] [moe] [table]
+#        [prefix] [chunks] [chat] [structured] [before_after] [moe] [vision] [table]
 #        (default: all but structured and table; table is benchmarks/perf_table.py, issue 23's rows)
 # before_after times the offline throughput of the tree in $OLD_TREE (installed in $OLD_SITE)
 # against this one: a workload without sharing, where the prefix cache may only cost.
@@ -12,7 +12,7 @@ set -u
 OUT=${OUT:-gpu_logs}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-parts=${*:-tests default latency llama qwen serving int8 prefix chunks chat before_after moe}
+parts=${*:-tests default latency llama qwen serving int8 prefix chunks chat before_after moe vision}
 run() {  # name, seconds, command...
     local name=$1 limit=$2
     shift 2
@@ -40,8 +40,9 @@ for part in $parts; do
             run after 200 python benchmarks/offline_throughput.py --shape llama3-8b --skip-hf ;;
         moe) run moe 400 python benchmarks/moe.py --shapes qwen3-30b-a3b,mixtral-8x7b --offline-layers 8 --hf-requests 8 ;;
         table) run table 560 python benchmarks/perf_table.py ;;
+        vision) run vision 300 python benchmarks/vision.py --shape qwen2.5-vl-7b --image-size 1024 --text-tokens 64 --batch 16 ;;
         serving) run serving 330 python benchmarks/serving.py --shape qwen3-0.6b --num-requests 256 --rates 8,24,48,inf --repeats 2 --out-json "$OUT/serving_results.json" ;;
     esac
 done
 echo "=== summary"
-grep -h -E '^(command|device|shared|multiturn|longprompt|speedup|hit|TTFT|TPOT|chunk|ceilings|engine|server|offline|overflow|profiled slots|int8 KV greedy|float32: int8|bfloat16: int8|float32 logit gap|\||HF /|[0-9]+ passed|FAILED|SKIPPED|bf16 relative|prompts where|batch-1 graph)' "$OUT"/*.log
+grep -h -E '^(command|device|shared|multiturn|longprompt|speedup|hit|TTFT|TPOT|chunk|ceilings|engine|server|offline|overflow|profiled slots|int8 KV greedy|float32: int8|bfloat16: int8|float32 logit gap|\||HF /|[0-9]+ passed|FAILED|SKIPPED|bf16 relative|prompts where|batch-1 graph|encoder|request:)' "$OUT"/*.log

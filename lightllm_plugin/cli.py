@@ -59,6 +59,10 @@ HELP = {
     "max_body_size": "most bytes of one HTTP request body; more is refused with 413",
     "request_timeout": "seconds one request may take before it is aborted (its KV slots freed) and "
     "answered 504 (default: no limit)",
+    "allowed_media_domains": "hosts (and their subdomains) whose http(s) image URLs the server may fetch "
+    "(default: none; images come as data: URLs or base64)",
+    "max_image_pixels": "most pixels (width x height) of one image; a larger one is refused with 400",
+    "limit_mm_per_prompt": "most images in one prompt; more are refused with 400",
     "skip_broken_plugins": "start without a plugin that fails to load, with a warning naming it "
     "(default: such a plugin stops the server; also $LIGHTLLM_PLUGINS_SKIP_BROKEN=1)",
 }

@@ -74,6 +74,12 @@ class EngineConfig:
     request_timeout: float | None = None  # seconds one request may run; None: no limit
     # inputs of one /v1/embeddings (or /pooling, /classify, /score, /v1/rerank) request; OpenAI's limit
     max_batch_embeddings: int = 2048
+    # images (vision-language models): hosts whose http(s) image URLs the server fetches (None: it
+    # fetches nothing, images come as data URLs or base64), the most pixels of one decoded image,
+    # the most images of one prompt
+    allowed_media_domains: list[str] | None = None
+    max_image_pixels: int = 16384 * 28 * 28
+    limit_mm_per_prompt: int = 16
     # a plugin that fails to load is skipped with a warning instead of stopping the command; the
     # model processes read it to skip the same plugins the server did
     skip_broken_plugins: bool = False
@@ -130,6 +136,8 @@ class EngineConfig:
             raise ConfigError(f"task must be one of {TASKS}, got {self.task!r}")
         if self.max_batch_embeddings < 1:
             raise ConfigError(f"max_batch_embeddings must be >= 1, got {self.max_batch_embeddings}")
+        if self.max_image_pixels < 1 or self.limit_mm_per_prompt < 0:
+            raise ConfigError("max_image_pixels must be >= 1 and limit_mm_per_prompt >= 0")
         if self.eos_id is not None and isinstance(self.eos_id, int):
             self.eos_id = [self.eos_id]
 

@@ -11,6 +11,7 @@ from tqdm import tqdm
 from lightllm_plugin.chat_template import render_chat
 from lightllm_plugin.config import EngineConfig
 from lightllm_plugin.engine.core import EngineCore
+from lightllm_plugin.images import ImageInputs, split_images
 from lightllm_plugin.sampling_params import SamplingParams
 from lightllm_plugin.text_stream import PROMPT_CONTEXT_TOKENS, TextStream
 
@@ -83,6 +84,7 @@ class LLM:
         else:
             self.engine = EngineCore(config, progress=progress)
         self.tokenizer = self.engine.tokenizer
+        self._images: ImageInputs | None = None  # built at the first chat with images
 
     def close(self) -> None:
         """Stop the other tensor-parallel ranks (tp > 1) and give this process its threads back;
@@ -127,13 +129,25 @@ class LLM:
         if not messages:
             raise ValueError("messages must not be empty")
         conversations = [messages] if isinstance(messages[0], dict) else list(messages)
-        rendered = [
-            render_chat(self.tokenizer, list(conv), chat_template_kwargs=chat_template_kwargs,
-                        add_generation_prompt=add_generation_prompt)
-            for conv in conversations
-        ]
-        texts, id_lists = [text for text, _ in rendered], [ids for _, ids in rendered]
-        return self._run(texts, id_lists, sampling_params, use_tqdm)
+        texts, id_lists, image_lists = [], [], []
+        for conv in conversations:
+            # image parts (OpenAI's image_url, LangChain's image blocks) as the server takes them
+            conv, sources = split_images(list(conv))
+            self._image_inputs().check_count(sources)
+            text, ids = render_chat(self.tokenizer, conv, chat_template_kwargs=chat_template_kwargs,
+                                    add_generation_prompt=add_generation_prompt)
+            ids, images = self._image_inputs().prepare(ids, sources, "messages")
+            texts.append(text)
+            id_lists.append(ids)
+            image_lists.append(images)
+        return self._run(texts, id_lists, sampling_params, use_tqdm, image_lists)
+
+    def _image_inputs(self) -> ImageInputs:
+        if self._images is None:
+            c = self.config
+            self._images = ImageInputs.for_model(c.resolved_model_path, c.limit_mm_per_prompt, c.max_image_pixels,
+                                       c.allowed_media_domains, c.max_body_size)
+        return self._images
 
     # ---- pooling models (lightllm_plugin/offline_pooling.py) ---------------------------
     def embed(self, prompts, *, dimensions: int | None = None, use_tqdm: bool = True):
@@ -182,7 +196,7 @@ class LLM:
                 raise TypeError(f"a prompt must be a string or a list of token ids, got {type(p).__name__}")
         return texts, id_lists
 
-    def _run(self, texts, id_lists, sampling_params, use_tqdm: bool) -> list[RequestOutput]:
+    def _run(self, texts, id_lists, sampling_params, use_tqdm: bool, image_lists=None) -> list[RequestOutput]:
         if sampling_params is None:
             sampling_params = SamplingParams()
         params_list = (
@@ -204,7 +218,7 @@ class LLM:
             for k in range(params.n):
                 sub = params.for_sample(k)
                 rid = engine.new_request_id()
-                engine.add_request(rid, ids, sub)
+                engine.add_request(rid, ids, sub, image_lists[i] if image_lists else None)
                 stream = TextStream(self.tokenizer, ids[-PROMPT_CONTEXT_TOKENS:], sub.skip_special_tokens, sub.stop)
                 pending[rid] = _Pending(parent=i, index=k, params=sub, stream=stream,
                                         logprobs=[] if sub.logprobs is not None else None)

@@ -30,13 +30,17 @@ from .serving_pooling import register_pooling_routes
 
 TEXT_PART = {"type": "object", "required": ["type", "text"],
              "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
+IMAGE_PART = {"type": "object", "required": ["type", "image_url"],
+              "properties": {"type": {"const": "image_url"},
+                             "image_url": {"type": "object", "required": ["url"],
+                                           "properties": {"url": {"type": "string", "minLength": 1}}}}}
 MESSAGE = {
     "type": "object",
     "required": ["role"],
     "properties": {
         "role": {"enum": list(ROLES)},
         # null only for an assistant message that carries tool_calls
-        "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": TEXT_PART}, {"type": "null"}]},
+        "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"anyOf": [TEXT_PART, IMAGE_PART]}}, {"type": "null"}]},
         "name": {"type": "string"},
         "tool_calls": {"type": "array", "items": {"type": "object"}},
         "tool_call_id": {"type": "string"},

@@ -9,6 +9,7 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from lightllm_plugin.config import EngineConfig
+from lightllm_plugin.images import image_source
 from lightllm_plugin.server.protocol import TokenOutput
 from lightllm_plugin.structured_outputs import StructuredOutputs
 from lightllm_plugin.tool_calls import tool_call_constraint
@@ -42,12 +43,7 @@ def chat_messages(messages: list[Any]) -> list[dict[str, Any]]:
             message["role"] = "system"
         content = message.get("content")
         if isinstance(content, list):
-            parts = []
-            for part in content:
-                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    raise ApiError(400, f"{where}.content: only text parts are supported", "messages")
-                parts.append(part["text"])
-            message["content"] = "".join(parts)
+            message["content"] = _content_parts(content, f"{where}.content")
         elif content is None:
             if message["role"] != "assistant":
                 raise ApiError(400, f"{where}.content is required for role {message['role']}", "messages")
@@ -58,6 +54,26 @@ def chat_messages(messages: list[Any]) -> list[dict[str, Any]]:
             message["tool_calls"] = [_template_tool_call(c) for c in message["tool_calls"]]
         result.append(message)
     return result
+
+
+def _content_parts(content: list[Any], where: str) -> str | list[dict[str, Any]]:
+    """Text parts as one string; with images, the parts in order (the tokenizer process places
+    the images: lightllm_plugin/images.py)."""
+    parts: list[dict[str, Any]] = []
+    for j, part in enumerate(content):
+        if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
+            parts.append({"type": "text", "text": part["text"]})
+            continue
+        try:
+            source = image_source(part, f"{where}[{j}]") if isinstance(part, dict) else None
+        except ValueError as exc:
+            raise ApiError(400, str(exc), "messages") from None
+        if source is None:
+            raise ApiError(400, f"{where}[{j}]: only text and image_url parts are supported", "messages")
+        parts.append({"type": "image_url", "image_url": {"url": source}})
+    if all(p["type"] == "text" for p in parts):
+        return "".join(p["text"] for p in parts)
+    return parts
 
 
 def _template_tool_call(call: Any) -> Any:

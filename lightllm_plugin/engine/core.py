@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 import torch
 
 from lightllm_plugin.config import EngineConfig
+from lightllm_plugin.engine.image_cache import ImageEmbeddingCache
 from lightllm_plugin.engine.memory import SlotFreeList
+from lightllm_plugin.engine.multimodal import MultimodalPrompt, build_prompt, check_images
 from lightllm_plugin.engine.outputs import PoolingEvent, TokenEvent
 from lightllm_plugin.engine.prefix_cache import PrefixCache
 from lightllm_plugin.engine.runner import ModelRunner, StepEntry, TableWrites
@@ -27,6 +29,7 @@ from lightllm_plugin.engine.sampling import DeferredSample, PendingSample, Sampl
 from lightllm_plugin.engine.scheduler import SchedRequest, Scheduler
 from lightllm_plugin.engine.step_plan import PlanSender
 from lightllm_plugin.engine.structured_output import AllowedTokens, GrammarCompiler
+from lightllm_plugin.images import ImageData
 from lightllm_plugin.models.loader import InMemoryCheckpoint
 from lightllm_plugin.models.tensor_parallel import TPGroup
 from lightllm_plugin.sampling_params import SamplingParams
@@ -47,8 +50,12 @@ class _LiveRequest:
     output_ids: list[int] = field(default_factory=list)
     pooled_sum: torch.Tensor | None = None  # mean pooling: the hidden states of the chunks so far
     grammar_pending: Future | None = None  # its grammar, still compiling: not scheduled yet
+    mm: MultimodalPrompt | None = None  # its images
+    cache_ids: list[int] | None = None  # the prefix cache's key of the prompt (image tokens by image hash)
 
 
+# image embeddings kept on the model's device for images sent again (engine/image_cache.py)
+_IMAGE_CACHE_BYTES = 256 * 1024 * 1024
 # how long a step with nothing else to run waits for a compiling grammar before it returns
 _GRAMMAR_WAIT_S = 0.01
 
@@ -117,6 +124,8 @@ class EngineCore:
         self.steps_queued_ahead = 0
         self._grammar_compiler: GrammarCompiler | None = None  # built at the first constrained request
         self._compiling: dict[int, _LiveRequest] = {}  # requests whose grammar is not compiled yet
+        self.image_cache = ImageEmbeddingCache(_IMAGE_CACHE_BYTES) if self.runner.vision else None
+        self.images_encoded = 0  # images the vision step ran the tower on (the others were cached)
 
     def _eos_ids(self) -> list[int]:
         ids = list(self.model_cfg.eos_token_ids)
@@ -200,11 +209,22 @@ class EngineCore:
                                                      self.config.resolved_eos_ids)
         return self._grammar_compiler
 
-    def add_request(self, req_id: int, prompt_ids: list[int], params: SamplingParams) -> None:
+    def add_request(self, req_id: int, prompt_ids: list[int], params: SamplingParams,
+                    images: list[ImageData] | None = None) -> None:
+        """`images`: the prompt's images (lightllm_plugin/images.py), each on its placeholder tokens."""
         if req_id in self._live:
             raise ValueError(f"request id {req_id} is already in use")
         prompt_ids = [int(t) for t in prompt_ids]
         self.validate(prompt_ids, params)
+        mm, cache_ids = None, prompt_ids
+        if images:
+            if not self.runner.vision:
+                raise ValueError("images: this model is text-only; it does not take images")
+            if self.pooler is not None:
+                raise ValueError("images: a pooling task (reward, embed, classify, score) takes text only")
+            model = self.runner.model
+            check_images(prompt_ids, images, self.model_cfg.image_token_id, model.image_tokens)
+            mm, cache_ids = build_prompt(prompt_ids, images, model)
         generator = self.runner.add_generator(req_id, params.seed) if params.seed is not None else None
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
@@ -212,9 +232,9 @@ class EngineCore:
         # a pooling request ends with its prefill; the one step the peak rule counts is that step
         max_new_tokens = 1 if self.pooler is not None else params.max_new_tokens
         sched = SchedRequest(req_id=req_id, prompt_len=len(prompt_ids), max_new_tokens=max_new_tokens,
-                             prompt_ids=prompt_ids, salt=params.cache_salt)
+                             prompt_ids=cache_ids, salt=params.cache_salt)
         sampler = SamplerRow(params, prompt_ids, [], generator, [])
-        live = _LiveRequest(req_id, prompt_ids, params, sched, sampler, frozenset(stop_ids))
+        live = _LiveRequest(req_id, prompt_ids, params, sched, sampler, frozenset(stop_ids), mm=mm, cache_ids=cache_ids)
         live.sampler.output_ids = live.output_ids
         self._live[req_id] = live
         if params.allowed_token_ids is not None:
@@ -272,7 +292,7 @@ class EngineCore:
         self.scheduler.remove(live.req_id)
         sched, cache = live.sched, self.prefix_cache
         if cache is not None and keep_tokens and live.slots:
-            tokens = live.prompt_ids + live.output_ids
+            tokens = live.cache_ids + live.output_ids
             n = min(len(tokens), len(live.slots))
             _, present = cache.insert(tokens[:n], live.slots[:n], sched.salt)
             self.free_slots.free(live.slots[sched.shared_len:present] + live.slots[n:])
@@ -316,7 +336,7 @@ class EngineCore:
         the next step on: `adopted` gets (row, position, cache slot, own slot) for each, and the
         caller frees the own slots once this step is launched (this step still writes them)."""
         sched, cache = live.sched, self.prefix_cache
-        node, present = cache.insert(live.prompt_ids, live.slots[: sched.prompt_len], sched.salt)
+        node, present = cache.insert(live.cache_ids, live.slots[: sched.prompt_len], sched.salt)
         if present > sched.shared_len:
             cached = node.path_slots()[sched.shared_len : present]
             own = live.slots[sched.shared_len : present]
@@ -370,6 +390,8 @@ class EngineCore:
             entries.append(self._decode_entry(live, len(live.output_ids), live.output_ids[-1]))
             order.append(live)
         self._place_admitted(batch)
+        if self.image_cache is not None:
+            self._vision_step(batch.prefill)
         adopted: list[tuple[int, int, int, int]] = []
         for sched in batch.prefill:
             live = self._live[sched.req_id]
@@ -378,7 +400,7 @@ class EngineCore:
             live.slots.extend(slots)
             last_chunk = sched.prefill_done
             sampler = live.sampler if last_chunk else None
-            entries.append(StepEntry(live.row, live.prompt_ids[start : start + n], start, slots, sampler))
+            entries.append(StepEntry(live.row, live.prompt_ids[start : start + n], start, slots, sampler, live.mm))
             if last_chunk:
                 order.append(live)
                 if self.prefix_cache is not None:
@@ -394,6 +416,33 @@ class EngineCore:
                 self.free_slots.free([own for _, _, _, own in adopted])
                 self._table_writes.extend((row, pos, slot) for row, pos, slot, _ in adopted)
         return _LaunchedStep(order, pending)
+
+    def _vision_step(self, prefill) -> None:
+        """Embeddings for the images this step's prompt chunks reach: from the cache, or the vision
+        tower over all the missing ones at once (of every request in the step), before the
+        language model's forward. An image inside a cached prefix is never encoded."""
+        missing: dict[str, tuple[MultimodalPrompt, list]] = {}
+        for sched in prefill:
+            live = self._live[sched.req_id]
+            if live.mm is None:
+                continue
+            for span in live.mm.unencoded(sched.chunk_start, sched.chunk_start + sched.chunk_len):
+                cached = self.image_cache.get(span.hash)
+                if cached is not None:
+                    span.set_embedding(cached)
+                else:
+                    missing.setdefault(span.hash, (live.mm, []))[1].append(span)
+        if not missing:
+            return
+        groups = list(missing.values())
+        pixels = [mm.pixels(spans[0]) for mm, spans in groups]
+        grids = [spans[0].grid for _, spans in groups]
+        embeddings = self.runner.encode_images(pixels, grids)
+        self.images_encoded += len(groups)
+        for (_, spans), embedding in zip(groups, embeddings):
+            self.image_cache.put(spans[0].hash, embedding)
+            for span in spans:
+                span.set_embedding(embedding)
 
     def _pooling_step(self, batch) -> list[PoolingEvent]:
         """A step of pooling requests: prompt chunks only (none ever decodes). A request whose
@@ -442,7 +491,7 @@ class EngineCore:
         """Feed back output token number `output_len` (1-based) into one new KV slot."""
         slots = self._allocate(1)
         live.slots.extend(slots)
-        return StepEntry(live.row, [token], len(live.prompt_ids) + output_len - 1, slots, live.sampler)
+        return StepEntry(live.row, [token], len(live.prompt_ids) + output_len - 1, slots, live.sampler, live.mm)
 
     def _blocked_ids(self, live: _LiveRequest, output_len: int) -> list[int]:
         return sorted(live.stop_ids) if output_len < live.params.min_new_tokens else []

@@ -19,6 +19,7 @@ from lightllm_plugin.engine.memory import (
     kv_bytes_per_token,
     profiled_slot_count,
 )
+from lightllm_plugin.engine.multimodal import MultimodalPrompt, step_inputs
 from lightllm_plugin.engine.req_table import ReqTable
 from lightllm_plugin.engine.sampling import (
     DeferredSample,
@@ -66,6 +67,7 @@ class StepEntry:
     start_pos: int  # position of input_ids[0]
     slots: list[int]  # KV slots of input_ids
     sampler: SamplerRow | None  # None: a prompt chunk that is not its last, nothing is sampled
+    mm: MultimodalPrompt | None = None  # a request with images: its positions and embeddings
 
 
 @dataclass
@@ -154,6 +156,10 @@ class ModelRunner:
                 model_kind, model_path, model_dtype, self.device, config.max_req_total_len, progress=progress,
                 tp=tp_group, models=models,
             )
+        # a vision-language model: image embeddings and M-RoPE positions go with each step
+        self.vision = hasattr(self.model, "encode_images")
+        if self.vision and tp_group is not None:
+            raise ValueError("vision-language models run with tp=1 (the image embeddings are not split)")
         if cpu_quantized:
             self.step_rows = StepRows()
             counts = quantize_projections(self.model, Projection, int8=True, step_rows=self.step_rows)
@@ -210,8 +216,10 @@ class ModelRunner:
         # Under tensor parallelism decode runs eagerly: a graph replay would have to be
         # mirrored on every rank, and chained steps take input ids only rank 0 has.
         # pooling requests end with their prefill: there is no decode step to capture
+        # an M-RoPE model's decode positions are shifted by each request's delta, which the
+        # captured graphs (position = sequence index) do not take: its steps run eagerly
         if self.device.type == "cuda" and not self.config.enforce_eager and self.tp_group is None \
-                and self.pooler is None:
+                and self.pooler is None and not getattr(self.model, "shifted_positions", False):
             self.decode_graphs = DecodeGraphs(
                 self.model, self.kv_pool, self.req_table.req_to_token, self.req_table.scratch_row,
                 self.config.running_max_req_size,
@@ -256,7 +264,8 @@ class ModelRunner:
         plan = self._pack(entries, all_logits, table_writes)
         if send_plan and self.plan_sender is not None:
             self.plan_sender.send(plan)
-        return self._run_packed(plan, kv_pool)
+        mm = step_inputs(entries, self.device) if self.vision else None
+        return self._run_packed(plan, kv_pool, mm=mm)
 
     @torch.inference_mode()
     def run_plan(self, plan: StepPlan) -> None:
@@ -286,7 +295,7 @@ class ModelRunner:
         return StepPlan(packed, len(input_ids), len(entries), all_logits, len(table_writes) if table_writes else 0)
 
     def _run_packed(self, plan: StepPlan, kv_pool: torch.Tensor | QuantizedKVCache,
-                    hidden_only: bool = False) -> torch.Tensor:
+                    hidden_only: bool = False, mm=None) -> torch.Tensor:
         table = self.req_table.req_to_token
         t, b, w = plan.num_tokens, plan.num_requests, plan.num_writes
         packed = plan.packed.to(self.device, non_blocking=True)  # pinned on CUDA
@@ -301,7 +310,15 @@ class ModelRunner:
             self.step_rows.update(q_start, q_len)
         if hidden_only:
             return self.model.hidden_states(ids, pos, kv_pool, meta)  # [T, hidden]
+        if mm is not None:
+            return self.model(ids, pos, kv_pool, meta, None if plan.all_logits else last, mm=mm)
         return self.model(ids, pos, kv_pool, meta, None if plan.all_logits else last)
+
+    # ---- the vision step --------------------------------------------------------------
+    @torch.inference_mode()
+    def encode_images(self, pixels: list[torch.Tensor], grids: list[tuple[int, int, int]]) -> list[torch.Tensor]:
+        """The vision tower over images of one or more requests in one batch: [tokens, hidden] each."""
+        return self.model.encode_images(torch.cat(pixels).to(self.device), grids)
 
     # ---- pooling (models without a sampler) ---------------------------------------------
     @torch.inference_mode()

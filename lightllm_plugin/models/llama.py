@@ -137,9 +137,10 @@ class LlamaFamilyModel(nn.Module):
         positions: torch.Tensor,  # [T]
         kv_cache: torch.Tensor | QuantizedKVCache,  # [layers, slots+1, 2*Hkv, D]
         meta: AttentionMetadata,
+        inputs_embeds: torch.Tensor | None = None,  # [T, hidden] in place of the tokens' (images)
     ) -> torch.Tensor:
         """The last hidden state after the final norm [T, hidden]: what the heads read."""
-        hidden = self.embed_tokens(input_ids)
+        hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         cos, sin = self.cos_cache[positions], self.sin_cache[positions]
         residual = None
         for i, layer in enumerate(self.layers):

@@ -51,6 +51,13 @@ _EXPERT_RE = re.compile(r"^(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(gate_proj|
 _EXPERT_PIECE = {"gate_proj": ("w_gate_up", 0), "w1": ("w_gate_up", 0), "up_proj": ("w_gate_up", 1),
                  "w3": ("w_gate_up", 1), "down_proj": ("w_down", None), "w2": ("w_down", None)}
 _BARE_PREFIXES = ("embed_tokens.", "layers.", "norm.")
+# (prefix, replacement): LLaVA files name the language model language_model.model.* (older ones
+# the tower vision_tower.vision_model.*); in memory transformers 5 holds model.<part>.*
+_VL_RENAMES = (("model.visual.", "visual."), ("model.language_model.", "model."),
+               ("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
+               ("vision_tower.vision_model.", "vision_tower."), ("model.vision_tower.", "vision_tower."),
+               ("model.multi_modal_projector.", "multi_modal_projector."))
+_VISION_PARTS = ("visual.", "vision_tower.", "multi_modal_projector.")
 _RENAMED = {
     "self_attn.o_proj.weight": "o_proj.weight",
     "self_attn.o_proj.bias": "o_proj.bias",
@@ -114,7 +121,23 @@ def read_hf_config(model_dir: str) -> dict:
         # generation_config's eos ids win: chat models list their end-of-turn token there
         if gen.get("eos_token_id") is not None:
             cfg["eos_token_id"] = gen["eos_token_id"]
+    if "LlavaForConditionalGeneration" in (cfg.get("architectures") or ()):
+        cfg = _with_llava_defaults(cfg)
     return cfg
+
+
+def _with_llava_defaults(cfg: dict) -> dict:
+    """LLaVA files leave out every field of their text and vision configs that equals the
+    family's default (llava-1.5's text_config names little more than its vocabulary): filled in
+    by transformers' own config classes."""
+    import transformers
+
+    given = {k: v for k, v in cfg.items() if k not in ("model_type", "transformers_version")}
+    full = transformers.LlavaConfig(**given).to_dict()
+    full["architectures"] = cfg["architectures"]
+    if cfg.get("eos_token_id") is not None:
+        full["eos_token_id"] = cfg["eos_token_id"]
+    return full
 
 
 def _safetensors_files(model_dir: str) -> list[str]:
@@ -167,6 +190,15 @@ def load_weights(
     stacking: dict[tuple[int, str], list] = {}
     for name, tensor in tqdm(tensors, total=total, desc="Loading weights", unit="tensor", disable=not progress):
         tensor = tensor.to(device)
+        # a vision-language checkpoint: transformers 5 names the parts model.visual and
+        # model.language_model in memory; saved files keep visual.* and model.*
+        for old, new in _VL_RENAMES:
+            if name.startswith(old):
+                name = new + name[len(old):]
+                break
+        if name.startswith(_VISION_PARTS) and hasattr(model, name.split(".", 1)[0]):
+            _assign(model, name, tensor)  # the tower's parameters carry the checkpoint's names
+            continue
         if name.startswith(_BARE_PREFIXES):
             # a checkpoint saved from the bare decoder (sentence-transformers folders such as
             # Qwen3-Embedding) names its weights without the causal LM's "model." prefix

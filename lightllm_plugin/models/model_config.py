@@ -15,6 +15,11 @@ SUPPORTED_ARCHITECTURES = (
     "Qwen2MoeForCausalLM",
     "Qwen3MoeForCausalLM",
 )
+# a vision tower before a Qwen2 language model with M-RoPE positions (models/qwen2_vl.py)
+VISION_LANGUAGE_ARCHITECTURES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration",
+                                 "LlavaForConditionalGeneration")  # LLaVA: models/llava.py
+# a LLaVA language model's family, by its text config's model_type
+_LLAVA_TEXT_FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 # the same families with a `score` head instead of the language-model head (reward models, classifiers)
 SEQUENCE_CLASSIFICATION_ARCHITECTURES = tuple(a.replace("ForCausalLM", "ForSequenceClassification")
                                               for a in SUPPORTED_ARCHITECTURES)
@@ -51,6 +56,11 @@ class ModelConfig:
     shared_expert_intermediate_size: int = 0  # Qwen2-MoE's always-on expert behind a sigmoid gate
     sparse_layers: tuple[int, ...] = ()  # layers whose MLP is the experts; the others are dense
     num_labels: int = 0  # outputs of the score head (*ForSequenceClassification); 0: none
+    # vision-language models: the vision tower's HF config, the rotary dims given to the (time, row,
+    # column) positions, and the placeholder token of an image
+    vision_config: dict[str, Any] | None = None
+    mrope_section: tuple[int, ...] | None = None
+    image_token_id: int | None = None
 
     @classmethod
     def from_hf_dict(cls, cfg: dict[str, Any], architectures: Iterable[str] | None = None) -> "ModelConfig":
@@ -59,7 +69,7 @@ class ModelConfig:
         built-in SUPPORTED_ARCHITECTURES); the first of the checkpoint's `architectures`
         among them is the one used. Whatever the name, the fields are read as a Llama-family
         model's."""
-        default = SUPPORTED_ARCHITECTURES + SEQUENCE_CLASSIFICATION_ARCHITECTURES
+        default = SUPPORTED_ARCHITECTURES + SEQUENCE_CLASSIFICATION_ARCHITECTURES + VISION_LANGUAGE_ARCHITECTURES
         known = tuple(default if architectures is None else architectures)
         archs = cfg.get("architectures") or []
         arch = next((a for a in archs if a in known), None)
@@ -68,6 +78,11 @@ class ModelConfig:
                 f"unsupported architecture {archs or cfg.get('model_type')!r}; "
                 f"registered: {', '.join(known) or '(none)'}"
             )
+        vision = {}
+        if arch == "LlavaForConditionalGeneration":
+            cfg, vision = _llava_fields(cfg)
+        elif arch in VISION_LANGUAGE_ARCHITECTURES:
+            cfg, vision = _vision_language_fields(cfg)
         if cfg.get("mlp_bias"):
             raise ValueError("unsupported model: mlp_bias=True")
         hidden = cfg["hidden_size"]
@@ -76,6 +91,8 @@ class ModelConfig:
         attention_bias = bool(cfg.get("attention_bias", False))
         # a classifier is its family's causal LM with another head: the same flags
         family = arch.replace("ForSequenceClassification", "ForCausalLM")
+        if arch in VISION_LANGUAGE_ARCHITECTURES:
+            family = vision.pop("family")
         is_qwen2 = family in ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM")
         eos = cfg.get("eos_token_id")
         return cls(
@@ -103,7 +120,49 @@ class ModelConfig:
             bos_token_id=cfg.get("bos_token_id"),
             num_labels=_num_labels(cfg) if arch.endswith("ForSequenceClassification") else 0,
             **_moe_settings(cfg, family),
+            **vision,
         )
+
+
+def _vision_language_fields(cfg: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the language model's fields as a flat config, the vision fields) of a Qwen2-VL config:
+    transformers 5 nests the text fields under `text_config`, older files keep them at the top,
+    and name M-RoPE a rope_scaling type ("mrope") where newer ones put mrope_section in rope_parameters."""
+    text = {**cfg, **(cfg.get("text_config") or {})}
+    params = dict(text.get("rope_parameters") or {})
+    scaling = dict(text.get("rope_scaling") or {})
+    section = params.pop("mrope_section", None) or scaling.pop("mrope_section", None)
+    if section is None:
+        raise ValueError("a Qwen2-VL config needs mrope_section (rope_parameters or rope_scaling)")
+    if scaling.get("type") == "mrope" or scaling.get("rope_type") == "mrope":
+        scaling = {}
+    if params.get("rope_type") == "mrope":
+        params["rope_type"] = "default"
+    text["rope_parameters"], text["rope_scaling"] = params or None, scaling or None
+    image_token = cfg.get("image_token_id", text.get("image_token_id"))
+    return text, dict(vision_config=dict(cfg["vision_config"]), mrope_section=tuple(int(s) for s in section),
+                      image_token_id=image_token, family="Qwen2ForCausalLM")
+
+
+def _llava_fields(cfg: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the language model's flat config, the vision fields) of a LLaVA config: the CLIP tower's
+    config with the choice of feature layer and the projector's settings beside it."""
+    text_cfg = cfg.get("text_config") or {}
+    family = _LLAVA_TEXT_FAMILIES.get(text_cfg.get("model_type", "llama"))
+    if family is None:
+        raise ValueError(f"unsupported LLaVA language model {text_cfg.get('model_type')!r}; "
+                         f"supported: {', '.join(_LLAVA_TEXT_FAMILIES)}")
+    text = {key: value for key, value in cfg.items() if key not in ("vision_config", "text_config")}
+    text.update(text_cfg)
+    if isinstance(cfg.get("vision_feature_layer", -2), list):
+        raise ValueError("LLaVA with several vision_feature_layer is not supported")
+    vision = dict(cfg["vision_config"])
+    vision.setdefault("in_channels", vision.get("num_channels", 3))
+    vision.update({key: cfg[key] for key in ("vision_feature_layer", "vision_feature_select_strategy",
+                                             "projector_hidden_act", "multimodal_projector_bias") if key in cfg})
+    image_token = cfg.get("image_token_id")
+    image_token = cfg.get("image_token_index") if image_token is None else image_token
+    return text, dict(vision_config=vision, image_token_id=image_token, family=family)
 
 
 def _moe_settings(cfg: dict[str, Any], arch: str) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from typing import Any
 from lightllm_plugin.models.model_config import (
     SEQUENCE_CLASSIFICATION_ARCHITECTURES,
     SUPPORTED_ARCHITECTURES,
+    VISION_LANGUAGE_ARCHITECTURES,
 )
 from lightllm_plugin.plugins import hookimpl
 
@@ -18,9 +19,13 @@ def builtin_models() -> dict[str, Any]:
     the api process lists the table without paying for it."""
     from lightllm_plugin.models.classifier import SequenceClassificationModel
     from lightllm_plugin.models.llama import LlamaFamilyModel
+    from lightllm_plugin.models.llava import LlavaModel
+    from lightllm_plugin.models.qwen2_vl import Qwen2VLModel
 
     table = {architecture: LlamaFamilyModel for architecture in SUPPORTED_ARCHITECTURES}
     table.update({architecture: SequenceClassificationModel for architecture in SEQUENCE_CLASSIFICATION_ARCHITECTURES})
+    table.update({architecture: Qwen2VLModel for architecture in VISION_LANGUAGE_ARCHITECTURES})
+    table["LlavaForConditionalGeneration"] = LlavaModel
     return table
 
 

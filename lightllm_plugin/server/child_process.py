@@ -53,6 +53,16 @@ def parent_alive(parent_pid: int) -> bool:
     return os.getppid() == parent_pid
 
 
+def load_image_inputs_for(config):
+    """The model's image preprocessing (it takes no images when it is a text-only model)."""
+    from lightllm_plugin.images import ImageInputs
+    from lightllm_plugin.models.tokenizer import resolve_model_path
+
+    _, path = resolve_model_path(config.model_dir)
+    return ImageInputs.for_model(path, config.limit_mm_per_prompt, config.max_image_pixels, config.allowed_media_domains,
+                       config.max_body_size)
+
+
 def load_tokenizer_for(config):
     """The model's tokenizer, without loading the model."""
     from lightllm_plugin.models.tokenizer import load_tokenizer, resolve_model_path

@@ -162,6 +162,7 @@ class AsyncEngineClient:
         add_special_tokens: bool = True,
         field: str = "inputs",
         lower_max_new_tokens: bool = True,
+        images: list[str] | None = None,
     ) -> AsyncIterator[tuple[int, TokenOutput]]:
         """Yield (sample index, token output) until all n samples finish.
 
@@ -205,6 +206,7 @@ class AsyncEngineClient:
             add_special_tokens=add_special_tokens,
             field=field,
             lower_max_new_tokens=lower_max_new_tokens,
+            images=images,
         )
         try:
             try:

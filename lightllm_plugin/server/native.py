@@ -54,10 +54,21 @@ class NativeParameters(msgspec.Struct, kw_only=True):
     allowed_token_ids: list[int] | None = None
 
 
+class NativeImage(msgspec.Struct, kw_only=True):
+    type: str  # "base64" or "url"
+    data: str
+
+
+class NativeMultimodal(msgspec.Struct, kw_only=True):
+    images: list[NativeImage] = []
+
+
 class NativeRequest(msgspec.Struct, kw_only=True):
     inputs: str | None = None
     messages: list[dict[str, Any]] | None = None
     parameters: NativeParameters | None = None
+    # LightLLM's images, one per placeholder of the prompt (after any image parts of messages)
+    multimodal_params: NativeMultimodal | None = None
 
 
 # LightLLM's defaults where they differ from SamplingParams'
@@ -145,7 +156,19 @@ async def _parse(request: Request) -> tuple[dict[str, Any], SamplingParams, bool
         message = str(exc)
         raise BadRequest(400, message if message.startswith("parameters.") else f"parameters.{message}") from None
     prompt = {"prompt": body.inputs} if body.inputs is not None else {"messages": body.messages}
+    if body.multimodal_params is not None and body.multimodal_params.images:
+        prompt["images"] = [_image_source(image, i) for i, image in enumerate(body.multimodal_params.images)]
     return prompt, params, bool(parameters.return_details)
+
+
+def _image_source(image: NativeImage, index: int) -> str:
+    if image.type not in ("base64", "url"):
+        raise BadRequest(400, f"multimodal_params.images[{index}].type must be base64 or url, got {image.type!r}")
+    if image.type == "url" and not image.data.startswith(("http://", "https://", "data:")):
+        raise BadRequest(400, f"multimodal_params.images[{index}].data must be an http(s) or data: URL")
+    if image.type == "base64" and image.data.startswith(("http://", "https://")):
+        raise BadRequest(400, f"multimodal_params.images[{index}].data is a URL: give it type url")
+    return image.data
 
 
 def request_body_doc() -> dict[str, Any]:

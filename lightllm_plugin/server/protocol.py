@@ -14,6 +14,7 @@ from typing import Any, Union
 import msgspec
 
 from lightllm_plugin.engine.outputs import PoolingEvent, TokenEvent
+from lightllm_plugin.images import ImageData
 from lightllm_plugin.pooling_params import PoolerInfo
 from lightllm_plugin.sampling_params import SamplingParams
 
@@ -34,6 +35,9 @@ class TokenizeRequest(msgspec.Struct, tag=True, kw_only=True):
     # LightLLM lowers max_new_tokens to the room left; OpenAI clients expect a refusal (vLLM's 400)
     lower_max_new_tokens: bool = True
     text_pair: str | None = None  # a cross-encoder's second text, encoded with prompt as a pair
+    # images beside the prompt (LightLLM's multimodal_params): data URLs, base64, http(s) URLs, in
+    # the order of the prompt's placeholders, after any image parts of `messages`
+    images: list[str] | None = None
 
 
 # ---- tokenizer / api / detokenizer -> router -------------------------------------------
@@ -41,6 +45,7 @@ class AddRequest(msgspec.Struct, tag=True):
     req_id: int
     prompt_ids: list[int]
     params: SamplingParams  # n == 1
+    images: list[ImageData] | None = None  # preprocessed, on their placeholder tokens in prompt_ids
 
 
 class AbortRequest(msgspec.Struct, tag=True):

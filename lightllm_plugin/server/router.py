@@ -85,7 +85,7 @@ class Router:
         if self.early_aborts.pop(msg.req_id, None) is not None:
             return
         try:
-            self.core.add_request(msg.req_id, msg.prompt_ids, msg.params)
+            self.core.add_request(msg.req_id, msg.prompt_ids, msg.params, msg.images)
         except ValueError as exc:
             self.to_api.send(encoder.encode(RequestError(req_ids=[msg.req_id], message=str(exc))))
             return

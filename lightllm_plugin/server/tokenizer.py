@@ -17,6 +17,7 @@ import zmq
 from lightllm_plugin import ipc
 from lightllm_plugin.chat_template import render_chat, template_takes_tools
 from lightllm_plugin.config import EngineConfig
+from lightllm_plugin.images import ImageData, ImageInputs, split_images
 from lightllm_plugin.sampling_params import SamplingParams
 from lightllm_plugin.server import child_process
 from lightllm_plugin.server.protocol import (
@@ -76,22 +77,45 @@ def fit_prompt(
     return ids, params
 
 
-def expand_samples(req: TokenizeRequest, ids: list[int]) -> list[AddRequest]:
+def expand_samples(req: TokenizeRequest, ids: list[int], images: list[ImageData] | None = None) -> list[AddRequest]:
     """n samples become n engine requests, each with its own seed (SamplingParams.for_sample)."""
-    return [AddRequest(req_id=req_id, prompt_ids=ids, params=req.params.for_sample(i))
+    return [AddRequest(req_id=req_id, prompt_ids=ids, params=req.params.for_sample(i), images=images or None)
             for i, req_id in enumerate(req.req_ids)]
 
 
-def handle(tokenizer, req: TokenizeRequest, config: EngineConfig) -> list[AddRequest] | RequestError:
+def encode_with_images(tokenizer, req: TokenizeRequest, image_inputs: ImageInputs | None,
+                       config: EngineConfig) -> tuple[list[int], list[ImageData]]:
+    """The prompt's ids with each image's placeholder expanded to its tokens, and its images:
+    the image parts of `messages` first, then `images`."""
+    sources: list[str] = []
+    if req.messages is not None:
+        messages, sources = split_images(req.messages)
+        req = msgspec.structs.replace(req, messages=messages)
+    sources += list(req.images or [])
+    if image_inputs is None:
+        if sources:
+            raise ValueError("images: this model is text-only; it does not take images")
+        return encode_prompt(tokenizer, req), []
+    image_inputs.check_count(sources)
+    ids = encode_prompt(tokenizer, req)
+    ids, images = image_inputs.prepare(ids, sources, req.field)
+    if images and len(ids) > config.max_req_input_len:
+        # cutting the prompt could cut an image's tokens: refused whatever long_truncation_mode says
+        raise ValueError(f"{req.field} is {len(ids)} tokens long with its image tokens, more than "
+                         f"max_req_input_len={config.max_req_input_len}")
+    return ids, images
+
+
+def handle(tokenizer, req: TokenizeRequest, config: EngineConfig,
+           image_inputs: ImageInputs | None = None) -> list[AddRequest] | RequestError:
     try:
-        ids, params = fit_prompt(
-            encode_prompt(tokenizer, req), req.params, config, req.field, req.lower_max_new_tokens
-        )
+        ids, images = encode_with_images(tokenizer, req, image_inputs, config)
+        ids, params = fit_prompt(ids, req.params, config, req.field, req.lower_max_new_tokens)
         if req.tools and req.messages is not None and not template_takes_tools(tokenizer.chat_template) and (
                 params.structured_outputs is None and params.allowed_token_ids is None):
             # tool_choice auto, the tools in the system message: free text, or calls in the format it asks for
             params = msgspec.structs.replace(params, structured_outputs=tool_call_constraint(req.tools, "auto"))
-        return expand_samples(msgspec.structs.replace(req, params=params), ids)
+        return expand_samples(msgspec.structs.replace(req, params=params), ids, images)
     except ValueError as exc:
         return RequestError(req_ids=req.req_ids, message=str(exc))
     except Exception as exc:  # one odd input must not take the pipeline down
@@ -113,6 +137,7 @@ def run_tokenizer(
     waits for the length limits the engine settled on (it caps them at the model's context)."""
     child_process.bootstrap(f"tokenizer{index}", parent_pid)
     tokenizer = child_process.load_tokenizer_for(config)
+    image_inputs = child_process.load_image_inputs_for(config)
     limits = wait_for_limits(limits_pipe, parent_pid)
     config = config.replace(max_req_total_len=limits.max_req_total_len, max_req_input_len=limits.max_req_input_len)
     # a context left with open sockets would block the exit once the parent is gone
@@ -129,7 +154,7 @@ def run_tokenizer(
             req = ipc.decode_or_drop(decoder, inbox.recv(), "tokenizer")
             if req is None:
                 continue
-            result = handle(tokenizer, req, config)
+            result = handle(tokenizer, req, config, image_inputs)
             if isinstance(result, RequestError):
                 to_api.send(encoder.encode(result))
             else:

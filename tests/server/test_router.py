@@ -24,7 +24,7 @@ class FakeCore:
         self.total_slots = 100
         self.pooler = None  # a generation model, as EngineCore says
 
-    def add_request(self, req_id, prompt_ids, params):
+    def add_request(self, req_id, prompt_ids, params, images=None):
         if len(prompt_ids) > 4:
             raise ValueError("the prompt has 5 tokens, more than max_req_input_len=4")
         self.live[req_id] = params.max_new_tokens
