@@ -59,6 +59,8 @@ HELP = {
     "max_body_size": "most bytes of one HTTP request body; more is refused with 413",
     "request_timeout": "seconds one request may take before it is aborted (its KV slots freed) and "
     "answered 504 (default: no limit)",
+    "drain_timeout": "on SIGTERM, seconds the running requests get to finish while new ones are refused "
+    "with 503 and Retry-After and /health answers 503; a second signal stops at once (0: stop at once)",
     "skip_broken_plugins": "start without a plugin that fails to load, with a warning naming it "
     "(default: such a plugin stops the server; also $LIGHTLLM_PLUGINS_SKIP_BROKEN=1)",
 }
@@ -69,7 +71,7 @@ API_KEY_ENV = "LIGHTLLM_API_KEY"
 # fields only the HTTP server uses
 SERVER_FIELDS = {
     "host", "port", "tokenizer_workers", "served_model_name", "api_key",
-    "max_queue_size", "max_body_size", "request_timeout", "max_batch_embeddings",
+    "max_queue_size", "max_body_size", "request_timeout", "max_batch_embeddings", "drain_timeout",
 }
 # fields whose flag takes any text: LazyLLM writes "--nccl_port=None" when it has no port to give
 TEXT_OR_NONE_FIELDS = {"nccl_port"}

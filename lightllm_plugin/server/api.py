@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lightllm_plugin.config import EngineConfig
+from lightllm_plugin.server.drain import Drain, DrainMiddleware
 from lightllm_plugin.server.engine_client import AsyncEngineClient
 from lightllm_plugin.server.http_util import LimitBodySize, RequireApiKey, shaped_error_body
 
@@ -27,10 +28,12 @@ def create_app(
     config: EngineConfig,
     pipeline_alive: Callable[[], bool] = lambda: True,
     plugins=None,
+    drain: Drain | None = None,
 ) -> FastAPI:
     """The app: health and metrics here; every other route (the native API, /v1, third-party
     routes) comes from a plugin's `register_routes` hook. `plugins`: a loaded
-    PluginManager (default: load them now)."""
+    PluginManager (default: load them now). `drain`: the launcher's shutdown state, whose
+    middleware refuses new requests once a drain has begun."""
     from lightllm_plugin.plugins import load_plugins
 
     if plugins is None:
@@ -51,6 +54,8 @@ def create_app(
     app.add_middleware(LimitBodySize, max_bytes=config.max_body_size)
     if config.api_key:
         app.add_middleware(RequireApiKey, api_key=config.api_key, open_paths=OPEN_PATHS)
+    if drain is not None:  # outermost: a draining server refuses before reading anything
+        app.add_middleware(DrainMiddleware, drain=drain)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, exc: StarletteHTTPException):
