@@ -14,6 +14,7 @@ from lightllm_plugin.config import EngineConfig
 from lightllm_plugin.server.drain import Drain, DrainMiddleware
 from lightllm_plugin.server.engine_client import AsyncEngineClient
 from lightllm_plugin.server.http_util import LimitBodySize, RequireApiKey, shaped_error_body
+from lightllm_plugin.server.metrics_vllm import render_vllm
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +83,9 @@ def create_app(
 
     @app.get("/metrics")
     async def metrics():
-        return PlainTextResponse(client.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        # ours, then the same figures under vLLM's names, which gateways and autoscalers read
+        text = client.metrics.render() + render_vllm(client.metrics, config.model_name())
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     plugins.call_each("register_routes", app=app, engine=client, config=config)
     return app
