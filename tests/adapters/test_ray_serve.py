@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import queue
 import signal
-import threading
 import time
 import uuid
 
@@ -204,6 +204,7 @@ def test_conversations_stay_on_their_replica_and_keep_one_replicas_hit_rate(app,
         return "one", reply.choices[0].message.content, reply.usage
 
     one_replica = _hit_rate(_conversation_turns(via_one_server, CONVERSATIONS, TURNS))
+    print(f"prefix-cache hit rate: 2 replicas {two_replicas:.3f}, one server {one_replica:.3f}")
     assert two_replicas > 0.3
     assert abs(two_replicas - one_replica) <= 0.10, (two_replicas, one_replica)
 
@@ -247,51 +248,85 @@ def test_a_client_that_disconnects_aborts_its_request_in_the_replica(app):
     assert m["vllm:num_requests_running"] == 0
 
 
-def _one_request(client, model, index: int) -> str:
-    """'ok', or the retryable error it ended with."""
-    messages = [{"role": "user", "content": f"Request {index}: list some fruits."}]
+def _one_request(client, model, index: int, started: queue.Queue) -> tuple[str, str | None]:
+    """('ok' or the retryable error it ended with, the replica that took it). Fresh text: the
+    router spreads these over both replicas."""
+    messages = [{"role": "user", "content": f"{uuid.uuid4().hex}: list some fruits, number {index}."}]
+    replica = None
     try:
+        raw = client.chat.completions.with_raw_response.create(model=model, messages=messages, max_tokens=24,
+                                                               stream=bool(index % 2))
+        replica = raw.headers[REPLICA_HEADER]
+        started.put(replica)
         if index % 2:
-            text = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
-                model=model, messages=messages, max_tokens=24, stream=True) if c.choices)
+            text = "".join(c.choices[0].delta.content or "" for c in raw.parse() if c.choices)
         else:
-            text = client.chat.completions.create(model=model, messages=messages, max_tokens=24).choices[0].message.content
-        return "ok" if text else "empty"
+            text = raw.parse().choices[0].message.content
+        return ("ok" if text else "empty"), replica
     except openai.APIStatusError as exc:
-        return f"status {exc.status_code}"
+        return f"status {exc.status_code}", replica
     except openai.APIConnectionError:
-        return "connection"
+        return "connection", replica
     except openai.APIError:  # the error event a stream ends with when its replica is lost
-        return "stream error"
+        return "stream error", replica
 
 
 def test_sigkill_of_a_replica_mid_load_fails_cleanly_and_the_app_heals(app, client, model):
-    victim = client.completions.with_raw_response.create(model=model, prompt="Hello", max_tokens=1).headers[REPLICA_HEADER]
-    victim_server, _ = app.server_of(victim)
+    # the SDK as users run it: it retries a 503 (after its Retry-After), which the router sends to
+    # a live replica
+    retrying = client.with_options(max_retries=3)
+    started: queue.Queue = queue.Queue()
     pool = concurrent.futures.ThreadPoolExecutor(12)
-    futures = [pool.submit(_one_request, client, model, i) for i in range(12)]
-    threading.Event().wait(1.0)  # the requests are in flight on both replicas
+    futures = [pool.submit(_one_request, retrying, model, i, started) for i in range(12)]
+    victim = started.get(timeout=CALL_TIMEOUT_S)  # a replica with a request under way
+    victim_server, _ = app.server_of(victim)
     os.kill(app.replica_pid(victim), signal.SIGKILL)
-    outcomes = [f.result(timeout=CALL_TIMEOUT_S) for f in futures]  # none hangs
+    results = [f.result(timeout=CALL_TIMEOUT_S) for f in futures]  # none hangs
     pool.shutdown()
-    assert set(outcomes) <= {"ok", "status 503", "connection", "stream error"}, outcomes
+    outcomes = [outcome for outcome, _ in results]
+    print(f"outcomes during the replica's SIGKILL: {sorted(results, key=str)}")
+    assert set(outcomes) <= {"ok", "status 503", "connection", "stream error"}, results
     assert "ok" in outcomes
     victim_server.wait(20)  # the server went with its replica
 
-    # Serve starts a replacement; afterwards both replicas serve. Fresh prompts each time: the
-    # prefix router rightly keeps sending a prompt it has seen to the replica that holds it
+    # Serve starts a replacement; afterwards both replicas serve through the ingress
     deadline = time.monotonic() + HEAL_TIMEOUT_S
     while time.monotonic() < deadline and _running_replicas() < REPLICAS:
         time.sleep(0.5)
     served: set[str] = set()
-    for _ in range(20):
-        raw = client.completions.with_raw_response.create(model=model, prompt=f"{uuid.uuid4().hex} is", max_tokens=1)
-        served.add(raw.headers[REPLICA_HEADER])
+    for _ in range(40):  # text-less requests are routed by power of two choices
+        served.add(httpx.get(app.url + "/v1/models", timeout=CALL_TIMEOUT_S).headers[REPLICA_HEADER])
         if len(served) == REPLICAS:
             break
     assert victim not in served and len(served) == REPLICAS, served
+    # and the new one generates (fresh text goes to the replica holding the least)
+    raw = client.completions.with_raw_response.create(model=model, prompt=f"{uuid.uuid4().hex} is", max_tokens=2)
+    assert raw.parse().usage.completion_tokens == 2 and raw.headers[REPLICA_HEADER] in served
 
 
 def _running_replicas() -> int:
     status = serve.status().applications["lightllm"].deployments["LightLLMServer"]
     return status.replica_states.get("RUNNING", 0) if status.status == "HEALTHY" else 0
+
+
+def test_the_ray_serve_command_splits_its_flags_from_the_proxys_and_the_replicas():
+    from lightllm_plugin.adapters.ray_serve_hooks import split_argv
+
+    ray_args, proxy, replica = split_argv(["--replicas", "3", "--port", "9000", "--host=0.0.0.0", "--tp", "2",
+                                           "--max_total_token_num", "8192", "--disable_dynamic_prompt_cache"])
+    assert ray_args.replicas == 3 and ray_args.max_replicas is None
+    assert proxy == ["--port", "9000", "--host=0.0.0.0"]
+    assert replica == ["--tp", "2", "--max_total_token_num", "8192", "--disable_dynamic_prompt_cache"]
+
+
+def test_serve_run_targets_build_applications():
+    """`serve run lightllm_plugin.adapters.ray_serve:app` and `...:app_builder key=value` resolve
+    to Serve applications through Serve's own import helper."""
+    from ray._common.utils import import_attr
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+    from ray.serve.deployment import Application
+
+    assert isinstance(import_attr("lightllm_plugin.adapters.ray_serve:app"), Application)
+    builder = import_attr("lightllm_plugin.adapters.ray_serve:app_builder")
+    built = call_user_app_builder_with_args_if_necessary(builder, {"num_replicas": "2", "max_replicas": "4"})
+    assert isinstance(built, Application)
