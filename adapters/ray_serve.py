@@ -139,9 +139,10 @@ def _die_with_parent() -> None:
 
 
 def server_command(port: int, server_args: list[str], drain_timeout: float) -> list[str]:
-    # the replica's drain goes first: the caller's --drain_timeout, if any, comes later and wins
+    # the replica's drain and its own port for the --tp ranks (two replicas on one node must not
+    # share one) go first: the caller's flags come later and win
     return [sys.executable, "-m", "lightllm_plugin.server", "--drain_timeout", f"{drain_timeout:g}",
-            *server_args, "--host", "127.0.0.1", "--port", str(port)]
+            "--nccl_port", str(_free_loopback_port()), *server_args, "--host", "127.0.0.1", "--port", str(port)]
 
 
 class LightLLMServer:

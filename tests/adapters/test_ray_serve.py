@@ -138,16 +138,18 @@ def test_lazyllm_deploy_with_url_at_the_ingress(app, tmp_path):
 
 
 def _conversation_turns(chat, conversations: list[str], turns: int) -> list[list[tuple[str, object]]]:
-    """Each conversation's turns resend its history; round-robin over the conversations. Returns,
-    per conversation, (replica header, usage) of each turn."""
-    histories = [[{"role": "user", "content": opening}] for opening in conversations]
-    results: list[list[tuple[str, object]]] = [[] for _ in conversations]
-    for turn in range(turns):
-        for i, history in enumerate(histories):
+    """The conversations side by side, each turn resending its history. Returns, per
+    conversation, (replica header, usage) of each turn."""
+    def converse(opening: str) -> list[tuple[str, object]]:
+        history, results = [{"role": "user", "content": opening}], []
+        for turn in range(turns):
             header, reply, usage = chat(history)
-            results[i].append((header, usage))
+            results.append((header, usage))
             history += [{"role": "assistant", "content": reply}, {"role": "user", "content": f"Go on ({turn + 1})."}]
-    return results
+        return results
+
+    with concurrent.futures.ThreadPoolExecutor(len(conversations)) as pool:
+        return [f.result(timeout=CALL_TIMEOUT_S) for f in [pool.submit(converse, c) for c in conversations]]
 
 
 CONVERSATIONS = ["Tell me about the moons of Jupiter.", "How do bees make honey?",

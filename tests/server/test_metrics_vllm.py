@@ -41,7 +41,8 @@ def check_vllm_figures(url: str, chat) -> None:
     while True:
         after = scrape(url)
         grew = {k: after[k] - before[k] for k in after if k != "model_name" and k in before}
-        if grew["vllm:prefix_cache_queries_total"] >= prompt or time.monotonic() > deadline:
+        idle = after["vllm:num_requests_running"] == 0 and after["vllm:num_requests_waiting"] == 0
+        if (grew["vllm:prefix_cache_queries_total"] >= prompt and idle) or time.monotonic() > deadline:
             break
         time.sleep(0.1)
     assert grew["vllm:prefix_cache_queries_total"] == prompt
