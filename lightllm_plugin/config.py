@@ -72,8 +72,9 @@ class EngineConfig:
     max_queue_size: int | None = None
     max_body_size: int = 8 * 1024 * 1024  # bytes of one HTTP request body
     request_timeout: float | None = None  # seconds one request may run; None: no limit
-    # on SIGTERM: seconds the running requests get to finish while new ones are refused (0: stop at once)
-    drain_timeout: float = 30.0
+    # on SIGTERM: seconds the running requests get to finish while new ones are refused (0: stop at
+    # once); below Kubernetes' default 30 s grace period, so a pod ends on its own before its SIGKILL
+    drain_timeout: float = 25.0
     # inputs of one /v1/embeddings (or /pooling, /classify, /score, /v1/rerank) request; OpenAI's limit
     max_batch_embeddings: int = 2048
     # a plugin that fails to load is skipped with a warning instead of stopping the command; the
