@@ -99,3 +99,50 @@ def test_sigterm_during_16_streams_finishes_them_refuses_new_ones_and_a_second_s
     assert server.run_dir and not os.path.exists(server.run_dir)
     assert "draining 17 request(s)" in server.output
     assert "SIGTERM again: stopping now, 1 request(s) cut off" in server.output
+
+
+def test_the_drain_timeout_ends_a_drain_that_a_request_still_holds():
+    """DrainingServer itself, on a real uvicorn with an endless stream: after the signal the
+    timeout (0.5 s) stops the server although the stream never ends."""
+    import asyncio
+
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse, StreamingResponse
+    from starlette.routing import Route
+    from support.live_server import free_port
+
+    from lightllm_plugin.server.drain import Drain, DrainingServer, DrainMiddleware
+
+    async def endless(request):
+        async def ticks():
+            while True:
+                yield b"tick\n"
+                await asyncio.sleep(0.05)
+        return StreamingResponse(ticks())
+
+    async def health(request):
+        return JSONResponse({"status": "ok"})
+
+    drain = Drain(0.5)
+    app = DrainMiddleware(Starlette(routes=[Route("/stream", endless), Route("/health", health)]), drain)
+    port = free_port()
+    server = DrainingServer(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"), drain)
+    thread = threading.Thread(target=server.run, daemon=True)  # off the main thread: no signal handlers
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 10
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    with httpx.stream("GET", url + "/stream", timeout=10) as r:
+        lines = r.iter_lines()
+        assert next(lines) == "tick"
+        assert drain.in_flight == 1
+        server.handle_exit(signal.SIGTERM, None)
+        signalled = time.monotonic()
+        refused = httpx.get(url + "/health", timeout=5)
+        assert refused.status_code == 503 and refused.headers["retry-after"].isdigit()
+        assert refused.json() == {"error": "the server is shutting down; retry on another"}  # the native shape
+        thread.join(5)
+        assert not thread.is_alive()
+        assert 0.5 <= time.monotonic() - signalled < 3
