@@ -63,6 +63,8 @@ HELP = {
     "(default: none; images come as data: URLs or base64)",
     "max_image_pixels": "most pixels (width x height) of one image; a larger one is refused with 400",
     "limit_mm_per_prompt": "most images in one prompt; more are refused with 400",
+    "drain_timeout": "on SIGTERM, seconds the running requests get to finish while new ones are refused "
+    "with 503 and Retry-After and /health answers 503; a second signal stops at once (0: stop at once)",
     "skip_broken_plugins": "start without a plugin that fails to load, with a warning naming it "
     "(default: such a plugin stops the server; also $LIGHTLLM_PLUGINS_SKIP_BROKEN=1)",
 }
@@ -73,7 +75,7 @@ API_KEY_ENV = "LIGHTLLM_API_KEY"
 # fields only the HTTP server uses
 SERVER_FIELDS = {
     "host", "port", "tokenizer_workers", "served_model_name", "api_key",
-    "max_queue_size", "max_body_size", "request_timeout", "max_batch_embeddings",
+    "max_queue_size", "max_body_size", "request_timeout", "max_batch_embeddings", "drain_timeout",
 }
 # fields whose flag takes any text: LazyLLM writes "--nccl_port=None" when it has no port to give
 TEXT_OR_NONE_FIELDS = {"nccl_port"}

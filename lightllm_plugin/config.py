@@ -72,6 +72,9 @@ class EngineConfig:
     max_queue_size: int | None = None
     max_body_size: int = 8 * 1024 * 1024  # bytes of one HTTP request body
     request_timeout: float | None = None  # seconds one request may run; None: no limit
+    # on SIGTERM: seconds the running requests get to finish while new ones are refused (0: stop at
+    # once); below Kubernetes' default 30 s grace period, so a pod ends on its own before its SIGKILL
+    drain_timeout: float = 25.0
     # inputs of one /v1/embeddings (or /pooling, /classify, /score, /v1/rerank) request; OpenAI's limit
     max_batch_embeddings: int = 2048
     # images (vision-language models): hosts whose http(s) image URLs the server fetches (None: it
@@ -132,6 +135,8 @@ class EngineConfig:
             raise ConfigError(f"max_body_size must be >= 1024 bytes, got {self.max_body_size}")
         if self.request_timeout is not None and not self.request_timeout > 0:
             raise ConfigError(f"request_timeout must be > 0 seconds, got {self.request_timeout}")
+        if not self.drain_timeout >= 0:
+            raise ConfigError(f"drain_timeout must be >= 0 seconds, got {self.drain_timeout}")
         if self.task not in TASKS:
             raise ConfigError(f"task must be one of {TASKS}, got {self.task!r}")
         if self.max_batch_embeddings < 1:

@@ -60,6 +60,7 @@ BUILTIN_PLUGINS = {
     "openai": "lightllm_plugin.adapters.openai",
     "langchain": "lightllm_plugin.adapters.langchain_hooks",
     "lazyllm": "lightllm_plugin.adapters.lazyllm_hooks",
+    "ray_serve": "lightllm_plugin.adapters.ray_serve_hooks",
 }
 
 

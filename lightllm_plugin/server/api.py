@@ -11,8 +11,10 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lightllm_plugin.config import EngineConfig
+from lightllm_plugin.server.drain import Drain, DrainMiddleware
 from lightllm_plugin.server.engine_client import AsyncEngineClient
 from lightllm_plugin.server.http_util import LimitBodySize, RequireApiKey, shaped_error_body
+from lightllm_plugin.server.metrics_vllm import render_vllm
 
 logger = logging.getLogger(__name__)
 
@@ -27,10 +29,12 @@ def create_app(
     config: EngineConfig,
     pipeline_alive: Callable[[], bool] = lambda: True,
     plugins=None,
+    drain: Drain | None = None,
 ) -> FastAPI:
     """The app: health and metrics here; every other route (the native API, /v1, third-party
     routes) comes from a plugin's `register_routes` hook. `plugins`: a loaded
-    PluginManager (default: load them now)."""
+    PluginManager (default: load them now). `drain`: the launcher's shutdown state, whose
+    middleware refuses new requests once a drain has begun."""
     from lightllm_plugin.plugins import load_plugins
 
     if plugins is None:
@@ -51,6 +55,8 @@ def create_app(
     app.add_middleware(LimitBodySize, max_bytes=config.max_body_size)
     if config.api_key:
         app.add_middleware(RequireApiKey, api_key=config.api_key, open_paths=OPEN_PATHS)
+    if drain is not None:  # outermost: a draining server refuses before reading anything
+        app.add_middleware(DrainMiddleware, drain=drain)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, exc: StarletteHTTPException):
@@ -77,7 +83,9 @@ def create_app(
 
     @app.get("/metrics")
     async def metrics():
-        return PlainTextResponse(client.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        # ours, then the same figures under vLLM's names, which gateways and autoscalers read
+        text = client.metrics.render() + render_vllm(client.metrics, config.model_name())
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     plugins.call_each("register_routes", app=app, engine=client, config=config)
     return app

@@ -3,7 +3,8 @@
 The launcher process runs the HTTP api; the tokenizer(s), router and detokenizer (and with
 --tp N the tensor-parallel ranks 1..N-1; the router is rank 0) are spawned children. Uvicorn starts only after every child reported ready, so its
 "Uvicorn running on http://HOST:PORT" line means the model can answer. If a child dies,
-the server says which and exits non-zero; on SIGINT/SIGTERM it stops every child. Either
+the server says which and exits non-zero; on SIGINT/SIGTERM it drains (server/drain.py: new
+requests refused, running ones finished within --drain_timeout) and then stops every child. Either
 way the private run directory holding the sockets is removed.
 """
 
@@ -252,6 +253,7 @@ def serve(config: EngineConfig, plugins=None) -> int:
 
     from lightllm_plugin.plugins import PluginError, load_plugins
     from lightllm_plugin.server.api import create_app
+    from lightllm_plugin.server.drain import Drain, DrainingServer
     from lightllm_plugin.server.engine_client import AsyncEngineClient
 
     if plugins is None:
@@ -299,12 +301,13 @@ def serve(config: EngineConfig, plugins=None) -> int:
             pooler=config.pooler,
         )
         try:
-            app = create_app(client, config, pipeline.all_alive, plugins)
+            drain = Drain(config.drain_timeout)
+            app = create_app(client, config, pipeline.all_alive, plugins, drain=drain)
         except PluginError as exc:
             fail(f"{exc} (--skip_broken_plugins starts the server without it)")
             return 1
-        server = uvicorn.Server(
-            uvicorn.Config(app, host=config.host, port=config.port, loop="asyncio", timeout_graceful_shutdown=5)
+        server = DrainingServer(
+            uvicorn.Config(app, host=config.host, port=config.port, loop="asyncio", timeout_graceful_shutdown=5), drain
         )
 
         def on_death(dead: Child) -> None:

@@ -26,7 +26,7 @@ def test_langchain_and_lazyllm_are_builtin_plugins(monkeypatch):
         assert name in P.BUILTIN_PLUGINS
         assert pm.infos[name].source == "builtin" and pm.infos[name].hooks == ["register_adapters"]
     adapters = P.collect_adapters(pm)
-    assert set(adapters) == {"langchain", "lazyllm"}
+    assert set(adapters) == {"langchain", "lazyllm", "ray_serve"}
     assert adapters["langchain"].module == "lightllm_plugin.adapters.langchain"
     assert adapters["lazyllm"].module == "lightllm_plugin.adapters.lazyllm"
     assert adapters["langchain"].plugin == "langchain" and adapters["lazyllm"].extra == "lazyllm"
@@ -64,14 +64,14 @@ def test_loading_the_plugins_and_building_the_app_imports_neither_library():
         "print(sorted(P.collect_adapters(pm)))\n"
         "from lightllm_plugin.cli import main\n"
         "assert main(['plugins']) == 0\n"
-        "print('heavy:', sorted(m for m in sys.modules if m.split('.')[0] in ('lazyllm', 'langchain_core')))\n"
+        "print('heavy:', sorted(m for m in sys.modules if m.split('.')[0] in ('lazyllm', 'langchain_core', 'ray')))\n"
     )
     env = {k: v for k, v in os.environ.items() if k not in (P.ENV_PLUGINS, P.ENV_SKIP_BROKEN)}
     env[P.ENV_PLUGINS] = ""
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
-    assert "['langchain', 'lazyllm']" in lines and "heavy: []" in lines
+    assert "['langchain', 'lazyllm', 'ray_serve']" in lines and "heavy: []" in lines
     # `lightllm-plugin plugins` lists both, with their status
     langchain = next(l for l in lines if l.strip().startswith("langchain (langchain):"))
     lazyllm = next(l for l in lines if l.strip().startswith("lazyllm (lazyllm):"))

@@ -39,7 +39,7 @@ def test_builtin_plugins_register_through_the_hooks(monkeypatch):
     pm = P.load_plugins()
     assert set(pm.infos) == set(P.BUILTIN_PLUGINS)
     assert pm.infos["openai"].hooks == ["register_routes"] and pm.infos["native"].hooks == ["register_routes"]
-    assert set(P.collect_commands(pm)) == {"serve", "generate", "bench", "plugins"}
+    assert set(P.collect_commands(pm)) == {"serve", "generate", "bench", "plugins", "ray-serve"}
     assert "LlamaForCausalLM" in P.collect_models(pm)
 
 
