@@ -132,7 +132,7 @@ def _openai_cases(model):
         (*chat(messages=[]), 400, ["messages"]),
         (*chat(messages=[{"role": "wizard", "content": "hi"}]), 400, ["role"]),
         (*chat(messages=[{"role": "user", "content": 5}]), 400, ["content"]),
-        (*chat(messages=[{"role": "user", "content": [{"type": "image_url"}]}]), 400, ["text parts"]),
+        (*chat(messages=[{"role": "user", "content": [{"type": "image_url"}]}]), 400, ["content[0].image_url.url must be a string"]),
         (*chat(tools=[1]), 400, ["tools[0]"]),
         (*chat(tool_choice={"type": "function", "function": {"name": "g"}},
                tools=[{"type": "function", "function": {"name": "f"}}]), 400, ["tool_choice", "'g'"]),
