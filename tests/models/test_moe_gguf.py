@@ -61,9 +61,25 @@ def _interleave_rope_rows(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def _add_byte_level_vocab(writer: GGUFWriter, vocab_size: int) -> int:
+    """A GPT-2 style vocabulary of `vocab_size` tokens (the 256 bytes, some merged pairs, an end
+    token) for the engine's tokenizer; returns the end token's id."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    merges = [f"{a} {b}" for a in "aeiou" for b in "abcdefghijklmnopqrstuvwxyz"][: vocab_size - 257]
+    tokens = list(bytes_to_unicode().values()) + [m.replace(" ", "") for m in merges] + ["<|endoftext|>"]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([1] * (len(tokens) - 1) + [3])  # normal tokens, then a control token
+    writer.add_token_merges(merges)
+    return len(tokens) - 1
+
+
 def _write_gguf(path, hf_model, arch: str, q8_0: bool) -> None:
     cfg = hf_model.config
     writer = GGUFWriter(str(path), arch)
+    end_token = _add_byte_level_vocab(writer, cfg.vocab_size)
+    cfg.bos_token_id = cfg.eos_token_id = end_token  # the file's, as a converted checkpoint's
     writer.add_block_count(cfg.num_hidden_layers)
     writer.add_context_length(cfg.max_position_embeddings)
     writer.add_embedding_length(cfg.hidden_size)
@@ -151,3 +167,34 @@ def test_gguf_prefill_and_decode_match_hf(case, tmp_path):
                 assert torch.equal(p, written[pname]), pname
     prompt = torch.randint(0, COMMON["vocab_size"], (37,), generator=torch.Generator().manual_seed(2))
     assert_matches_hf(model, cfg, reference, prompt)
+
+
+def _hf_greedy(hf_model, prompt: list[int], steps: int) -> list[int]:
+    sequence = list(prompt)
+    with torch.no_grad():
+        for _ in range(steps):
+            sequence.append(int(hf_model(torch.tensor([sequence])).logits[0, -1].argmax()))
+    return sequence[len(prompt):]
+
+
+def test_offline_llm_serves_a_quantized_moe_gguf_file(tmp_path, monkeypatch):
+    """The whole engine (scheduler, token-slot pool, its tokenizer from the file's vocabulary) on a
+    Q8_0 Qwen2-MoE file: each prompt of one batch gets transformers' 16 greedy tokens, no slot leaks."""
+    from lightllm_plugin import LLM, SamplingParams
+
+    monkeypatch.setenv("LIGHTLLM_PLUGIN_CACHE", str(tmp_path / "cache"))  # the converted tokenizer's home
+    arch, q8_0, make_config = CASES["qwen2moe_shared_q8_0"]
+    hf_model = _hf_model(make_config())
+    path = tmp_path / "tiny-qwen2moe-q8_0.gguf"
+    _write_gguf(path, hf_model, arch, q8_0)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(
+        str(tmp_path), gguf_file=path.name, config=hf_model.config, dtype=torch.float32).eval()
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (5, 40)]
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    with LLM(str(path), data_type="float32", max_total_token_num=512, max_req_total_len=128,
+             max_req_input_len=64, progress=False) as llm:
+        assert llm.tokenizer.eos_token_id == hf_model.config.eos_token_id
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        assert llm.engine.used_slots == llm.engine.cached_slots
+    assert [o.outputs[0].token_ids for o in outs] == [_hf_greedy(reference, p, 16) for p in prompts]
