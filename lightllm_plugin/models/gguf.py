@@ -64,6 +64,9 @@ _EXPERT_NAMES = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_do
 # from the config by HF-layout models.
 _SKIPPED = {"rope_freqs.weight"}
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
+# the first Mixtral files (older llama.cpp, before its stacked ffn_*_exps) hold one tensor
+# per expert and projection
+_PER_EXPERT_RE = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)\.(\d+)\.weight$")
 
 
 def _fast_reader_class():
@@ -232,6 +235,9 @@ def _hf_name(name: str) -> str | None:
         return _GLOBAL_NAMES[name]
     if name in _SKIPPED:
         return None
+    m = _PER_EXPERT_RE.match(name)
+    if m:
+        return f"model.layers.{m.group(1)}.mlp.experts.{m.group(3)}.{m.group(2)}_proj.weight"
     m = _BLOCK_RE.match(name)
     if m and m.group(2) in _EXPERT_NAMES and m.group(3) == "weight":
         return f"model.layers.{m.group(1)}.mlp.experts.{{expert}}.{_EXPERT_NAMES[m.group(2)]}.weight"

@@ -4,7 +4,8 @@ decode steps through the token-slot pool, within 1e-4 relative (float32).
 
 The files are written here from tiny random transformers models as llama.cpp's converter lays them
 out: tensor names from the gguf package's own table, each projection of a layer's experts as one
-stacked tensor, Q/K rows of llama-arch files interleaved. The reference for the qwen files is
+stacked tensor (or, as the first Mixtral files, one per expert), Q/K rows of llama-arch files
+interleaved. The reference for the qwen files is
 transformers' own GGUF loader (`gguf_file=`), which dequantizes Q8_0 itself; it does not read
 llama-arch experts, so a Mixtral file is checked against the model it was written from.
 """
@@ -29,15 +30,18 @@ COMMON = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_l
 
 CASES = {
     # top-2 of 4 renormalized, q/k norm, head_dim != hidden/heads (attention.key_length); F32
-    "qwen3moe_f32": ("qwen3moe", False, lambda: transformers.Qwen3MoeConfig(
+    "qwen3moe_f32": ("qwen3moe", False, False, lambda: transformers.Qwen3MoeConfig(
         **COMMON, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True,
         head_dim=24)),
     # top-4 of 6 without renormalization, a shared expert behind its sigmoid gate, q/k/v bias; Q8_0
-    "qwen2moe_shared_q8_0": ("qwen2moe", True, lambda: transformers.Qwen2MoeConfig(
+    "qwen2moe_shared_q8_0": ("qwen2moe", True, False, lambda: transformers.Qwen2MoeConfig(
         **COMMON, num_experts=6, num_experts_per_tok=4, moe_intermediate_size=32,
         shared_expert_intermediate_size=64, norm_topk_prob=False)),
     # top-2 of 4, renormalized; F32
-    "mixtral_f32": ("llama", False, lambda: transformers.MixtralConfig(
+    "mixtral_f32": ("llama", False, False, lambda: transformers.MixtralConfig(
+        **COMMON, num_local_experts=4, num_experts_per_tok=2)),
+    # the same in the first Mixtral files' layout: one tensor per expert and projection
+    "mixtral_per_expert_f32": ("llama", False, True, lambda: transformers.MixtralConfig(
         **COMMON, num_local_experts=4, num_experts_per_tok=2)),
 }
 _ARCH = {"qwen3moe": MODEL_ARCH.QWEN3MOE, "qwen2moe": MODEL_ARCH.QWEN2MOE, "llama": MODEL_ARCH.LLAMA}
@@ -75,7 +79,7 @@ def _add_byte_level_vocab(writer: GGUFWriter, vocab_size: int) -> int:
     return len(tokens) - 1
 
 
-def _write_gguf(path, hf_model, arch: str, q8_0: bool) -> None:
+def _write_gguf(path, hf_model, arch: str, q8_0: bool, per_expert: bool = False) -> None:
     cfg = hf_model.config
     writer = GGUFWriter(str(path), arch)
     end_token = _add_byte_level_vocab(writer, cfg.vocab_size)
@@ -122,6 +126,10 @@ def _write_gguf(path, hf_model, arch: str, q8_0: bool) -> None:
                 piece = _interleave_rope_rows(piece, cfg.num_attention_heads)
             elif arch == "llama" and stem.endswith("self_attn.k_proj"):
                 piece = _interleave_rope_rows(piece, cfg.num_key_value_heads)
+            if per_expert and gguf_name.endswith("_exps"):  # blk.N.ffn_gate.E, as llama.cpp once wrote
+                for expert, rows in enumerate(piece):
+                    writer.add_tensor(f"{gguf_name.removesuffix('_exps')}.{expert}{suffix}", np.ascontiguousarray(rows))
+                continue
             if stem.endswith("shared_expert_gate"):
                 piece = piece.reshape(-1)  # llama.cpp's is [n_embd]
             piece = np.ascontiguousarray(piece)
@@ -138,10 +146,10 @@ def _write_gguf(path, hf_model, arch: str, q8_0: bool) -> None:
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_gguf_prefill_and_decode_match_hf(case, tmp_path):
-    arch, q8_0, make_config = CASES[case]
+    arch, q8_0, per_expert, make_config = CASES[case]
     hf_model = _hf_model(make_config())
     path = tmp_path / f"{case}.gguf"
-    _write_gguf(path, hf_model, arch, q8_0)
+    _write_gguf(path, hf_model, arch, q8_0, per_expert)
 
     # the file's config is the one the model was built from
     hf_dict = dict(hf_model.config.to_dict(), architectures=[type(hf_model).__name__])
@@ -183,7 +191,7 @@ def test_offline_llm_serves_a_quantized_moe_gguf_file(tmp_path, monkeypatch):
     from lightllm_plugin import LLM, SamplingParams
 
     monkeypatch.setenv("LIGHTLLM_PLUGIN_CACHE", str(tmp_path / "cache"))  # the converted tokenizer's home
-    arch, q8_0, make_config = CASES["qwen2moe_shared_q8_0"]
+    arch, q8_0, _, make_config = CASES["qwen2moe_shared_q8_0"]
     hf_model = _hf_model(make_config())
     path = tmp_path / "tiny-qwen2moe-q8_0.gguf"
     _write_gguf(path, hf_model, arch, q8_0)
