@@ -21,7 +21,7 @@ from gguf.constants import MODEL_ARCH
 from gguf.quants import quantize
 from support.hf_match import assert_matches_hf
 
-from lightllm_plugin.models.gguf import gguf_model_config
+from lightllm_plugin.models.gguf import gguf_model_config, gguf_tensor_count, iter_gguf_tensors
 from lightllm_plugin.models.loader import load_model
 from lightllm_plugin.models.model_config import ModelConfig
 
@@ -156,6 +156,7 @@ def test_gguf_prefill_and_decode_match_hf(case, tmp_path):
     expected_cfg = ModelConfig.from_hf_dict(hf_dict)
     model, cfg = load_model("gguf", str(path), torch.float32, torch.device("cpu"), 256, progress=False)
     assert cfg == ModelConfig.from_hf_dict(gguf_model_config(str(path)))
+    assert gguf_tensor_count(str(path)) == sum(1 for _ in iter_gguf_tensors(str(path)))  # the progress bar's total
     assert cfg.rms_norm_eps == pytest.approx(expected_cfg.rms_norm_eps)  # a float32 in the file
     assert dataclasses.replace(cfg, rms_norm_eps=expected_cfg.rms_norm_eps) == expected_cfg
 
