@@ -5,9 +5,10 @@ decode steps through the token-slot pool, within 1e-4 relative (float32).
 The files are written here from tiny random transformers models as llama.cpp's converter lays them
 out: tensor names from the gguf package's own table, each projection of a layer's experts as one
 stacked tensor (or, as the first Mixtral files, one per expert), Q/K rows of llama-arch files
-interleaved. The reference for the qwen files is
-transformers' own GGUF loader (`gguf_file=`), which dequantizes Q8_0 itself; it does not read
-llama-arch experts, so a Mixtral file is checked against the model it was written from.
+interleaved. The reference for the qwen files is transformers' own GGUF loader (`gguf_file=`), which
+dequantizes Q8_0 itself; it does not read llama-arch experts, so a Mixtral file is checked against
+the model it was written from. GGUF has no dense block among sparse ones for these archs (llama.cpp
+builds every block as experts), so no file here has one.
 """
 
 import dataclasses
