@@ -177,7 +177,8 @@ def gguf_model_config(path: str) -> dict[str, Any]:
         "model_type": arch,
         "hidden_size": hidden,
         # an all-experts file may leave out the dense width
-        "intermediate_size": int(meta.get(f"{arch}.feed_forward_length", 0) or need("expert_feed_forward_length")),
+        "intermediate_size": int(meta.get(f"{arch}.feed_forward_length") or meta.get(f"{arch}.expert_feed_forward_length")
+                                 or need("feed_forward_length")),
         "num_hidden_layers": int(need("block_count")),
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
