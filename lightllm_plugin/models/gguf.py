@@ -1,7 +1,10 @@
 """Reading llama-family GGUF files: an HF-style config and HF-named, dequantized tensors.
 
 Everything goes through ``gguf.GGUFReader``, which memory-maps the file, so only the
-tensor being converted is ever resident beyond the page cache.
+tensor being converted is ever resident beyond the page cache. Mixture-of-experts files
+(qwen2moe, qwen3moe, and llama with experts: Mixtral) store each projection of a layer's
+experts as one [E, rows, cols] tensor; it is read out one expert at a time, under the names
+of an HF folder's per-expert tensors, so the loader's stacked parameter is the only copy.
 """
 
 from __future__ import annotations
@@ -19,7 +22,15 @@ _ARCHITECTURES = {
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "qwen2moe": "Qwen2MoeForCausalLM",
+    "qwen3moe": "Qwen3MoeForCausalLM",
 }
+# llama.cpp writes Mixtral as arch "llama" with expert tensors and an expert count
+_MOE_ARCHITECTURES = {"llama": "MixtralForCausalLM", "qwen2moe": "Qwen2MoeForCausalLM",
+                      "qwen3moe": "Qwen3MoeForCausalLM"}
+# whether the chosen experts' weights are renormalized when the file does not say
+# (`expert_weights_norm`): llama.cpp's graphs for these archs hard-code it
+_DEFAULT_NORM_TOPK = {"llama": True, "qwen2moe": False, "qwen3moe": True}
 # llama.cpp's converter interleaves the Q/K rows of these archs to suit its own rope
 # kernel (see `permute` in convert_hf_to_gguf.py); HF-layout rope needs them undone.
 _PERMUTED_QK = {"llama", "mistral"}
@@ -41,11 +52,21 @@ _BLOCK_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    "ffn_gate_inp": "mlp.gate",  # the router
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+    "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",  # stored as [H]; HF's is [1, H]
 }
+# the experts' stacked projections, yielded as HF's per-expert names
+_EXPERT_NAMES = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
 # Derived data, not parameters: llama3-style rope frequency factors are recomputed
 # from the config by HF-layout models.
 _SKIPPED = {"rope_freqs.weight"}
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
+# the first Mixtral files (older llama.cpp, before its stacked ffn_*_exps) hold one tensor
+# per expert and projection
+_PER_EXPERT_RE = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)\.(\d+)\.weight$")
 
 
 def _fast_reader_class():
@@ -155,7 +176,9 @@ def gguf_model_config(path: str) -> dict[str, Any]:
         "architectures": [_ARCHITECTURES[arch]],
         "model_type": arch,
         "hidden_size": hidden,
-        "intermediate_size": int(need("feed_forward_length")),
+        # an all-experts file may leave out the dense width
+        "intermediate_size": int(meta.get(f"{arch}.feed_forward_length") or meta.get(f"{arch}.expert_feed_forward_length")
+                                 or need("feed_forward_length")),
         "num_hidden_layers": int(need("block_count")),
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
@@ -175,6 +198,7 @@ def gguf_model_config(path: str) -> dict[str, Any]:
     rope_scaling = _rope_scaling(meta, arch)
     if rope_scaling is not None:
         config["rope_scaling"] = rope_scaling
+    config.update(_moe_config(meta, arch, config, path))
     if "rope_freqs.weight" in tensors:
         # llama3-style rope: the file carries the per-frequency divisors themselves
         # rather than the parameters that produced them
@@ -182,12 +206,42 @@ def gguf_model_config(path: str) -> dict[str, Any]:
     return config
 
 
+def _moe_config(meta: dict[str, Any], arch: str, config: dict, path: str) -> dict[str, Any]:
+    """The expert fields of an HF config of the family (empty for a dense file)."""
+    experts = int(meta.get(f"{arch}.expert_count", 0) or 0)
+    if arch not in _MOE_ARCHITECTURES or (arch == "llama" and not experts):
+        return {}
+    if not experts:
+        raise ValueError(f"GGUF file {path} lacks required metadata {arch + '.expert_count'!r}")
+    used = meta.get(f"{arch}.expert_used_count")
+    if used is None:
+        raise ValueError(f"GGUF file {path} lacks required metadata {arch + '.expert_used_count'!r}")
+    width = int(meta.get(f"{arch}.expert_feed_forward_length", 0) or config["intermediate_size"])
+    norm = bool(meta.get(f"{arch}.expert_weights_norm", _DEFAULT_NORM_TOPK[arch]))
+    out: dict[str, Any] = {"architectures": [_MOE_ARCHITECTURES[arch]], "num_experts_per_tok": int(used)}
+    if arch == "llama":  # Mixtral: every layer sparse, its experts as wide as intermediate_size
+        if not norm:
+            raise ValueError(f"GGUF file {path}: a llama-arch MoE without renormalized top-k is not Mixtral")
+        out.update(num_local_experts=experts, intermediate_size=width)
+        return out
+    # every block sparse: llama.cpp's graphs for these archs have no dense blocks (gguf's tensor
+    # table lists no ffn_gate/ffn_up/ffn_down for them), so mlp_only_layers cannot be written
+    out.update(num_experts=experts, moe_intermediate_size=width, norm_topk_prob=norm, decoder_sparse_step=1,
+               shared_expert_intermediate_size=int(meta.get(f"{arch}.expert_shared_feed_forward_length", 0) or 0))
+    return out
+
+
 def _hf_name(name: str) -> str | None:
     if name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[name]
     if name in _SKIPPED:
         return None
+    m = _PER_EXPERT_RE.match(name)
+    if m:
+        return f"model.layers.{m.group(1)}.mlp.experts.{m.group(3)}.{m.group(2)}_proj.weight"
     m = _BLOCK_RE.match(name)
+    if m and m.group(2) in _EXPERT_NAMES and m.group(3) == "weight":
+        return f"model.layers.{m.group(1)}.mlp.experts.{{expert}}.{_EXPERT_NAMES[m.group(2)]}.weight"
     if m and m.group(2) in _BLOCK_NAMES:
         return f"model.layers.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}.{m.group(3)}"
     raise ValueError(f"GGUF tensor {name!r} has no known HF counterpart")
@@ -200,25 +254,45 @@ def _unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, shape[0] // n_heads // 2, 2, *shape[1:]).transpose(1, 2).reshape(shape)
 
 
-def _to_numpy(t) -> np.ndarray:
+def _to_numpy(t, data=None) -> np.ndarray:
+    """The tensor's values as float32 (or its float type): `data` is a leading-index slice of
+    `t.data` (one expert's rows) when only that part is wanted."""
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
+    data = t.data if data is None else data
     if t.tensor_type == GGMLQuantizationType.F32:
-        return t.data
-    return dequantize(t.data, t.tensor_type)
+        return data
+    # quantization blocks run along the innermost dim, so any leading slice dequantizes alone
+    return dequantize(data, t.tensor_type)
+
+
+def _is_experts(name: str) -> bool:
+    m = _BLOCK_RE.match(name)
+    return m is not None and m.group(2) in _EXPERT_NAMES
 
 
 def gguf_tensor_count(path: str) -> int:
     """How many tensors iter_gguf_tensors will yield (for a progress bar)."""
-    return sum(1 for t in _reader(path).tensors if t.name not in _SKIPPED)
+    return sum(int(t.shape[-1]) if _is_experts(t.name) else 1 for t in _reader(path).tensors if t.name not in _SKIPPED)
+
+
+def _as_tensor(arr: np.ndarray, expected: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    if tuple(arr.shape) != expected:
+        arr = arr.reshape(expected)
+    if arr.flags.writeable:
+        # A fresh dequantized buffer: wrap it, converting only if dtype differs.
+        return torch.from_numpy(arr).to(dtype)
+    # A view of the read-only mmap: copy out once, straight into dtype.
+    return torch.tensor(arr, dtype=dtype)
 
 
 def iter_gguf_tensors(path: str, dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(hf_name, tensor)`` one at a time, dequantized to ``dtype``.
 
     Tensors come out in HF orientation ([out, in] for linear weights). The tied
-    ``lm_head.weight`` is not yielded when the file has no ``output.weight``.
+    ``lm_head.weight`` is not yielded when the file has no ``output.weight``. A stacked
+    experts tensor comes out one expert at a time (``mlp.experts.<e>.<proj>.weight``).
     """
     reader = _reader(path)
     meta = _metadata(reader)
@@ -231,20 +305,17 @@ def iter_gguf_tensors(path: str, dtype: torch.dtype = torch.float32) -> Iterator
         name = _hf_name(t.name)
         if name is None:
             continue
-        arr = _to_numpy(t)
         # numpy order is the reverse of GGUF's dims, i.e. already [out, in].
         expected = tuple(int(d) for d in reversed(t.shape.tolist()))
-        if tuple(arr.shape) != expected:
-            arr = arr.reshape(expected)
-        if arr.flags.writeable:
-            # A fresh dequantized buffer: wrap it, converting only if dtype differs.
-            tensor = torch.from_numpy(arr).to(dtype)
-        else:
-            # A view of the read-only mmap: copy out once, straight into dtype.
-            tensor = torch.tensor(arr, dtype=dtype)
+        if _is_experts(t.name):
+            for expert in range(expected[0]):
+                yield name.format(expert=expert), _as_tensor(_to_numpy(t, t.data[expert]), expected[1:], dtype)
+            continue
+        if name.endswith("shared_expert_gate.weight") and len(expected) == 1:
+            expected = (1, *expected)
+        tensor = _as_tensor(_to_numpy(t), expected, dtype)
         if permuted and name.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")):
             tensor = _unpermute(tensor, heads)
         elif permuted and name.endswith(("self_attn.k_proj.weight", "self_attn.k_proj.bias")):
             tensor = _unpermute(tensor, kv_heads)
-        del arr
         yield name, tensor
