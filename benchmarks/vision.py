@@ -34,6 +34,7 @@ import time
 import numpy as np
 import torch
 import transformers
+from embedding import matmul_flops, sync
 
 TEXT_7B = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768,
@@ -48,29 +49,6 @@ SHAPES = {
              dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64, window_size=56,
                   fullatt_block_indexes=[1])),
 }
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def matmul_flops(device: str, n: int = 8192) -> float:
-    """FLOP/s of a bf16 n^3 matmul on random inputs (median of 10 after a warm-up)."""
-    if device != "cuda":
-        return float("nan")
-    a = torch.randn(n, n, dtype=torch.bfloat16, device=device)
-    b = torch.randn(n, n, dtype=torch.bfloat16, device=device)
-    a @ b
-    times = []
-    for _ in range(10):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        a @ b
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e-3)
-    return 2 * n**3 / statistics.median(times)
 
 
 def png(size: int, seed: int) -> bytes:
