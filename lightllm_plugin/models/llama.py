@@ -134,6 +134,10 @@ class LlamaFamilyModel(nn.Module):
         self.cos_cache = freqs.cos().to(device)
         self.sin_cache = freqs.sin().to(device)
 
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [T, D/2] of each token's position (M-RoPE models take [3, T] positions)."""
+        return self.cos_cache[positions], self.sin_cache[positions]
+
     @torch.inference_mode()
     def hidden_states(
         self,
@@ -145,7 +149,7 @@ class LlamaFamilyModel(nn.Module):
     ) -> torch.Tensor:
         """The last hidden state after the final norm [T, hidden]: what the heads read."""
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        cos, sin = self.cos_cache[positions], self.sin_cache[positions]
+        cos, sin = self.rope(positions)
         residual = None
         for i, layer in enumerate(self.layers):
             hidden, residual = layer(hidden, residual, cos, sin, kv_cache[i], meta)

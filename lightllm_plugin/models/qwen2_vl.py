@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import torch
 
-from lightllm_plugin.kernels.rmsnorm import rmsnorm
 from lightllm_plugin.models.kv_cache import AttentionMetadata, QuantizedKVCache
 from lightllm_plugin.models.llama import LlamaFamilyModel
 from lightllm_plugin.models.model_config import ModelConfig
@@ -84,9 +83,9 @@ class Qwen2VLModel(LlamaFamilyModel):
         out = self.visual(pixels, grids).to(self.embed_tokens.weight.dtype)
         return list(out.split([self.image_tokens(g) for g in grids]))
 
-    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if positions.dim() == 1:
-            return self.cos_cache[positions], self.sin_cache[positions]
+            return super().rope(positions)
         b = self._section_bounds
         cos = torch.cat([self.cos_cache[positions[i], b[i] : b[i + 1]] for i in range(3)], dim=1)
         sin = torch.cat([self.sin_cache[positions[i], b[i] : b[i + 1]] for i in range(3)], dim=1)
@@ -104,12 +103,8 @@ class Qwen2VLModel(LlamaFamilyModel):
         hidden = self.embed_tokens(input_ids)
         if mm is not None and mm.image_rows is not None:
             hidden[mm.image_rows] = mm.image_embeds.to(hidden.dtype)
-        cos, sin = self._rope(mm.rope_positions if mm is not None else positions)
-        residual = None
-        for i, layer in enumerate(self.layers):
-            hidden, residual = layer(hidden, residual, cos, sin, kv_cache[i], meta)
-        hidden, _ = rmsnorm(hidden, self.norm, self.cfg.rms_norm_eps, residual)
-        return hidden
+        return super().hidden_states(input_ids, mm.rope_positions if mm is not None else positions, kv_cache, meta,
+                                     inputs_embeds=hidden)
 
     @torch.inference_mode()
     def forward(
