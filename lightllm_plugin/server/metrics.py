@@ -90,14 +90,19 @@ class Histogram(_Metric):
         self.sum += value
         self.count += 1
 
-    def render(self) -> list[str]:
-        lines = self.header()
+    def render(self, name: str | None = None, label: str = "") -> list[str]:
+        """The exposition lines; `name` and a `label` (`key="value"`) render the same figures as
+        another series (the vLLM-named one)."""
+        name = name or self.name
+        lines = [f"# HELP {name} {self.help}", f"# TYPE {name} {self.kind}"]
+        before_le = f"{label}," if label else ""
+        labels = f"{{{label}}}" if label else ""
         cumulative = 0
         for bound, n in zip([*self.bounds, math.inf], self.counts):
             cumulative += n
-            lines.append(f'{self.name}_bucket{{le="{_fmt(bound)}"}} {cumulative}')
-        lines.append(f"{self.name}_sum {_fmt(self.sum)}")
-        lines.append(f"{self.name}_count {self.count}")
+            lines.append(f'{name}_bucket{{{before_le}le="{_fmt(bound)}"}} {cumulative}')
+        lines.append(f"{name}_sum{labels} {_fmt(self.sum)}")
+        lines.append(f"{name}_count{labels} {self.count}")
         return lines
 
 

@@ -6,9 +6,7 @@ the `lightllm_*` series beside them, rendered from one ServerMetrics; nothing is
 
 from __future__ import annotations
 
-import math
-
-from lightllm_plugin.server.metrics import Counter, Gauge, Histogram, ServerMetrics, _escape, _fmt
+from lightllm_plugin.server.metrics import Counter, Gauge, ServerMetrics, _escape, _fmt
 
 PREFIX = "vllm:"
 
@@ -28,17 +26,6 @@ def _counter(name: str, source: Counter, label: str) -> list[str]:
     ]
 
 
-def _histogram(name: str, source: Histogram, label: str) -> list[str]:
-    lines = _head(name, "histogram", source.help)
-    cumulative = 0
-    for bound, n in zip([*source.bounds, math.inf], source.counts):
-        cumulative += n
-        lines.append(f'{name}_bucket{{{label},le="{_fmt(bound)}"}} {cumulative}')
-    lines.append(f"{name}_sum{{{label}}} {_fmt(source.sum)}")
-    lines.append(f"{name}_count{{{label}}} {source.count}")
-    return lines
-
-
 def _usage(used: Gauge, total: Gauge) -> float:
     return used.value / total.value if total.value else 0.0
 
@@ -52,7 +39,7 @@ def render_vllm(m: ServerMetrics, model_name: str) -> str:
                 _usage(m.kv_slots_used, m.kv_slots_total), label),
         *_counter(PREFIX + "prefix_cache_queries", m.prefix_cache_queries, label),
         *_counter(PREFIX + "prefix_cache_hits", m.prefix_cache_hits, label),
-        *_histogram(PREFIX + "time_to_first_token_seconds", m.time_to_first_token, label),
-        *_histogram(PREFIX + "inter_token_latency_seconds", m.inter_token_latency, label),
+        *m.time_to_first_token.render(PREFIX + "time_to_first_token_seconds", label),
+        *m.inter_token_latency.render(PREFIX + "inter_token_latency_seconds", label),
     ]
     return "\n".join(lines) + "\n"
