@@ -21,6 +21,7 @@ from gguf import GGMLQuantizationType, GGUFWriter, get_tensor_name_map
 from gguf.constants import MODEL_ARCH
 from gguf.quants import quantize
 from support.hf_match import assert_matches_hf
+from support.moe_models import random_moe_model
 
 from lightllm_plugin.models.gguf import gguf_model_config, gguf_tensor_count, iter_gguf_tensors
 from lightllm_plugin.models.loader import load_model
@@ -49,16 +50,7 @@ _ARCH = {"qwen3moe": MODEL_ARCH.QWEN3MOE, "qwen2moe": MODEL_ARCH.QWEN2MOE, "llam
 
 
 def _hf_model(config):
-    torch.manual_seed(0)
-    hf_model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    with torch.no_grad():
-        for pname, p in hf_model.named_parameters():
-            if "norm" in pname or "bias" in pname:
-                p.add_(torch.randn_like(p) * 0.1)
-            elif pname.endswith("mlp.gate.weight") or "shared_expert_gate" in pname:
-                # decisive routing: near-tied experts would let 1e-7 of rounding pick another expert
-                p.copy_(torch.randn_like(p) * 0.5)
-    return hf_model
+    return random_moe_model(config)
 
 
 def _interleave_rope_rows(w: np.ndarray, heads: int) -> np.ndarray:

@@ -6,6 +6,7 @@ import pytest
 import torch
 import transformers
 from support.hf_match import assert_matches_hf
+from support.moe_models import random_moe_model
 
 from lightllm_plugin.models.loader import InMemoryCheckpoint, load_checkpoint, load_model
 
@@ -30,16 +31,7 @@ CONFIGS = {
 
 
 def _hf_model(name):
-    torch.manual_seed(0)
-    hf_model = transformers.AutoModelForCausalLM.from_config(CONFIGS[name](), dtype=torch.float32).eval()
-    with torch.no_grad():
-        for pname, p in hf_model.named_parameters():
-            if "norm" in pname or "bias" in pname:
-                p.add_(torch.randn_like(p) * 0.1)
-            elif pname.endswith("mlp.gate.weight") or "shared_expert_gate" in pname:
-                # decisive routing: near-tied experts would let 1e-7 of rounding pick another expert
-                p.copy_(torch.randn_like(p) * 0.5)
-    return hf_model
+    return random_moe_model(CONFIGS[name]())
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
