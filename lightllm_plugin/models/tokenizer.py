@@ -87,13 +87,28 @@ def _same_behaviour(a, b) -> bool:
             and len(a) == len(b))
 
 
-def _load_gguf_tokenizer(gguf_path: Path, trust_remote_code: bool):
+def _load_saved(folder: Path):
+    """A tokenizer this module saved. Its class is the generic fast one (a GGUF vocabulary
+    always converts to it), which loads without AutoTokenizer: the auto classes import
+    torch (through transformers' config module), about 2 s of CPU in each tokenizer and
+    detokenizer process of every server start."""
+    import json
+
+    saved_class = json.loads((folder / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    if saved_class in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast.from_pretrained(str(folder))
     from transformers import AutoTokenizer
 
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
+def _load_gguf_tokenizer(gguf_path: Path, trust_remote_code: bool):
     final = tokenizer_cache_root() / _cache_key(gguf_path)
     if final.is_dir():
         try:
-            return AutoTokenizer.from_pretrained(str(final))
+            return _load_saved(final)
         except Exception as exc:  # a corrupt cache entry must not stop the server
             logger.warning("ignoring unreadable tokenizer cache %s: %s", final, exc)
 
@@ -102,16 +117,18 @@ def _load_gguf_tokenizer(gguf_path: Path, trust_remote_code: bool):
         # Another process may have built it while we waited.
         if final.is_dir():
             try:
-                return AutoTokenizer.from_pretrained(str(final))
+                return _load_saved(final)
             except Exception:
                 shutil.rmtree(final, ignore_errors=True)
+
+        from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(
             str(gguf_path.parent), gguf_file=gguf_path.name, trust_remote_code=trust_remote_code)
         tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=".tmp-"))
         try:
             tok.save_pretrained(str(tmp))
-            reloaded = AutoTokenizer.from_pretrained(str(tmp))
+            reloaded = _load_saved(tmp)
             if _same_behaviour(tok, reloaded):
                 os.chmod(tmp, 0o755)  # mkdtemp makes 0700
                 # A directory rename is atomic: readers see all of it or none of it.
