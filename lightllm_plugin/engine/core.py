@@ -28,7 +28,7 @@ from lightllm_plugin.engine.runner import ModelRunner, StepEntry, TableWrites
 from lightllm_plugin.engine.sampling import DeferredSample, PendingSample, SamplerRow, has_penalty
 from lightllm_plugin.engine.scheduler import SchedRequest, Scheduler
 from lightllm_plugin.engine.step_plan import PlanSender
-from lightllm_plugin.engine.structured_output import AllowedTokens, GrammarCompiler
+from lightllm_plugin.engine.structured_output import AllowedTokens, GrammarCompiler, accept_tokens
 from lightllm_plugin.images import ImageData
 from lightllm_plugin.models.loader import InMemoryCheckpoint
 from lightllm_plugin.models.tensor_parallel import TPGroup
@@ -377,7 +377,8 @@ class EngineCore:
                 return self._pooling_step(batch)
             launched = self._launch_scheduled(batch)
         elif launched.deferred is not None:
-            # the previous step's tokens are read and taken by the grammars: their masks can be filled
+            # its sampling waited for the tokens of the step before, which are read now (the read-back
+            # launches it at once when it was queued before the read)
             launched.pending, launched.deferred = launched.deferred.launch(), None
         self._queued = self._queue_next_decode(launched)
         return self._read_back(launched)
@@ -543,28 +544,43 @@ class EngineCore:
         return _LaunchedStep(order, result)
 
     def _read_back(self, launched: _LaunchedStep) -> list[TokenEvent]:
+        """Wait for `launched`'s tokens; the grammars take them, and the sampling of the step
+        queued behind it, which waited for them, is launched before anything else is done, so
+        that it is on the device before that step's forward ends."""
         if launched.pending is None:
             return []
         result = launched.pending.result()
-        events = []
-        for i, live in enumerate(launched.order):
-            if self._live.get(live.req_id) is not live:
-                continue  # finished or aborted after this step was queued: its token is dropped
+        taken = [(i, live) for i, live in enumerate(launched.order) if self._live.get(live.req_id) is live]
+        # a request finished or aborted after this step was queued: its token is dropped
+        reasons = []
+        for i, live in taken:
             token = result.token_ids[i]
             live.output_ids.append(token)
             live.sched.output_len = len(live.output_ids)
-            reason = self._finish_reason(live, token)
-            grammar = live.sampler.grammar
-            if grammar is not None and reason is None and (not grammar.accept(token) or grammar.terminated):
-                # the grammar is complete (its stop token was sampled under ignore_eos, or it takes
-                # nothing more), or the token broke it (only a fault could sample a masked token)
-                reason = "stop"
+            reasons.append(self._finish_reason(live, token))
+        constrained = [(k, live.sampler.grammar) for k, (_, live) in enumerate(taken)
+                       if live.sampler.grammar is not None and reasons[k] is None]
+        if constrained:
+            grammars = [g for _, g in constrained]
+            accepted = accept_tokens(grammars, [taken[k][1].output_ids[-1] for k, _ in constrained])
+            for (k, grammar), ok in zip(constrained, accepted):
+                if not ok or grammar.terminated:
+                    # the grammar is complete (its stop token was sampled under ignore_eos, or it
+                    # takes nothing more), or the token broke it (only a fault could sample a masked token)
+                    reasons[k] = "stop"
+        queued = self._queued
+        if queued is not None and queued.deferred is not None:
+            queued.pending, queued.deferred = queued.deferred.launch(), None
+        events = []
+        want_lp = result.logprobs is not None
+        for (i, live), reason in zip(taken, reasons):
+            params = live.params
             events.append(
                 TokenEvent(
                     req_id=live.req_id,
-                    token_id=token,
-                    logprob=result.logprobs[i] if result.logprobs is not None and live.params.logprobs is not None else None,
-                    top_logprobs=result.top_logprobs[i] if result.top_logprobs is not None and live.params.logprobs else None,
+                    token_id=live.output_ids[-1],
+                    logprob=result.logprobs[i] if want_lp and params.logprobs is not None else None,
+                    top_logprobs=result.top_logprobs[i] if result.top_logprobs is not None and params.logprobs else None,
                     finish_reason=reason,
                     output_len=len(live.output_ids),
                     prompt_len=len(live.prompt_ids),

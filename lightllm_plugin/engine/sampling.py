@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lightllm_plugin.engine.structured_output import allows_other_than, apply_token_bitmask, fill_bitmask
+from lightllm_plugin.engine.structured_output import BitmaskStager, allows_other_than, apply_token_bitmask
 from lightllm_plugin.sampling_params import SamplingParams
 
 
@@ -67,12 +67,6 @@ def _device_tensor(values: list, dtype: torch.dtype, device: torch.device) -> to
     return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
 
 
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    if device.type != "cuda":
-        return t
-    return t.pin_memory().to(device, non_blocking=True)
-
-
 class PendingSample:
     """A step's sampled tokens (and logprobs) queued for the host but not yet waited for.
 
@@ -121,11 +115,12 @@ class DeferredSample:
     """A step's logits whose sampling waits for the host: a grammar's mask for this step needs the
     token the step before sampled, which a step queued ahead of the host does not know yet."""
 
-    def __init__(self, logits: torch.Tensor, rows: list[SamplerRow], default_generator: torch.Generator):
-        self.logits, self.rows, self.default_generator = logits, rows, default_generator
+    def __init__(self, logits: torch.Tensor, rows: list[SamplerRow], default_generator: torch.Generator,
+                 bitmasks: BitmaskStager | None = None):
+        self.logits, self.rows, self.default_generator, self.bitmasks = logits, rows, default_generator, bitmasks
 
     def launch(self) -> PendingSample:
-        return launch_sample(self.logits, self.rows, self.default_generator)
+        return launch_sample(self.logits, self.rows, self.default_generator, self.bitmasks)
 
 
 def sample(logits: torch.Tensor, rows: list[SamplerRow], default_generator: torch.Generator) -> SampleResult:
@@ -133,8 +128,10 @@ def sample(logits: torch.Tensor, rows: list[SamplerRow], default_generator: torc
     return launch_sample(logits, rows, default_generator).result()
 
 
-def launch_sample(logits: torch.Tensor, rows: list[SamplerRow], default_generator: torch.Generator) -> PendingSample:
+def launch_sample(logits: torch.Tensor, rows: list[SamplerRow], default_generator: torch.Generator,
+                  bitmasks: BitmaskStager | None = None) -> PendingSample:
     """logits: [B, V] float32, one row per entry of `rows`. The caller's buffer is not modified.
+    `bitmasks`: the caller's buffers for the grammars' token masks, kept from step to step.
 
     The device work is queued without reading anything back; `PendingSample.result()` brings
     the token ids (and logprobs when asked for) to the host under one wait, the step's only sync.
@@ -144,7 +141,13 @@ def launch_sample(logits: torch.Tensor, rows: list[SamplerRow], default_generato
     raw_logprobs = torch.log_softmax(logits, dim=-1) if any(k is not None for k in want_logprobs) else None
 
     # filled on the host now: each grammar has taken the row's previous token
-    bitmask = fill_bitmask([r.grammar for r in rows], logits.shape[1])
+    grammars = [r.grammar for r in rows]
+    masks = None
+    if any(g is not None for g in grammars):
+        if bitmasks is None:
+            bitmasks = BitmaskStager(logits.shape[1], device)
+        masks = bitmasks.fill(grammars)
+    bitmask = masks[0] if masks is not None else None
     if bitmask is not None or any(r.blocked_ids or has_penalty(r.params) for r in rows):
         # CUDA-graph logits live in a static buffer: edit a copy
         logits = logits.clone()
@@ -158,7 +161,7 @@ def launch_sample(logits: torch.Tensor, rows: list[SamplerRow], default_generato
                 continue
             logits[i, row.blocked_ids] = float("-inf")
         if bitmask is not None:
-            apply_token_bitmask(logits, _to_device(bitmask, device))
+            apply_token_bitmask(logits, masks[1], bitmasks.bits)
 
     tokens = logits.argmax(dim=-1)
     greedy = [r.params.greedy for r in rows]

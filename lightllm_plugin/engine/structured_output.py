@@ -30,13 +30,21 @@ def bitmask_words(vocab_size: int) -> int:
     return (vocab_size + 31) // 32
 
 
-def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, bits: torch.Tensor | None = None) -> None:
     """In place: logits [B, V] get -inf wherever the bit of bitmask [B, ceil(V/32)] (int32, on
-    the logits' device; bit j of word w is token 32*w + j) is 0."""
+    the logits' device; bit j of word w is token 32*w + j) is 0. `bits`: token_bits(device),
+    kept by a caller that masks every step."""
     vocab = logits.shape[1]
-    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
-    allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).to(torch.bool).flatten(1)[:, :vocab]
-    logits.masked_fill_(~allowed, float("-inf"))
+    if bits is None:
+        bits = token_bits(bitmask.device)
+    # two passes over [B, V] to find the masked tokens, one to mask them
+    blocked = ((bitmask.unsqueeze(-1) & bits) == 0).flatten(1)[:, :vocab]
+    logits.masked_fill_(blocked, float("-inf"))
+
+
+def token_bits(device: torch.device) -> torch.Tensor:
+    """[32] int32: 1 << j, the bit of token 32*w + j in word w (bit 31 is the sign bit)."""
+    return torch.tensor([1 << j for j in range(31)] + [-(2**31)], dtype=torch.int32, device=device)
 
 
 class RequestGrammar:
@@ -46,12 +54,20 @@ class RequestGrammar:
     def __init__(self, matcher) -> None:
         self._matcher = matcher
 
-    def fill(self, bitmask: torch.Tensor, row: int) -> None:
-        if not self._matcher.is_terminated():  # else finished: a step queued ahead samples it, then drops it
-            self._matcher.fill_next_token_bitmask(bitmask, row)
+    def fill(self, bitmask: torch.Tensor, row: int) -> bool:
+        """Write the row; False when it allows every token (nothing to mask)."""
+        if self._matcher.is_terminated():
+            # finished: a step queued ahead samples it, then drops it
+            bitmask[row] = -1
+            return False
+        return self._matcher.fill_next_token_bitmask(bitmask, row)
 
     def accept(self, token: int) -> bool:
         return self._matcher.accept_token(token)
+
+    @property
+    def matcher(self):
+        return self._matcher
 
     @property
     def terminated(self) -> bool:
@@ -71,8 +87,9 @@ class AllowedTokens:
         # the top bit set makes the word negative as int32: wrap into the signed range
         self._row = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
-    def fill(self, bitmask: torch.Tensor, row: int) -> None:
+    def fill(self, bitmask: torch.Tensor, row: int) -> bool:
         bitmask[row] = self._row
+        return True
 
     def accept(self, token: int) -> bool:
         return True
@@ -149,16 +166,86 @@ class GrammarCompiler:
         return RequestGrammar(self._xgr.GrammarMatcher(compiled))
 
 
-def fill_bitmask(grammars: list, vocab_size: int) -> torch.Tensor | None:
+def accept_tokens(grammars: list, tokens: list[int]) -> list[bool]:
+    """Each grammar takes its token: whether the token was allowed. The xgrammar matchers take
+    theirs in one call of the library."""
+    accepted = [True] * len(grammars)
+    batch = [i for i, g in enumerate(grammars) if isinstance(g, RequestGrammar)]
+    if batch:
+        import xgrammar
+
+        taken = xgrammar.BatchGrammarMatcher.batch_accept_token([grammars[i].matcher for i in batch],
+                                                                [tokens[i] for i in batch])
+        for i, ok in zip(batch, taken):
+            accepted[i] = bool(ok)
+    for i, g in enumerate(grammars):
+        if g is not None and not isinstance(g, RequestGrammar):
+            accepted[i] = g.accept(tokens[i])
+    return accepted
+
+
+def fill_bitmask(grammars: list, vocab_size: int, out: torch.Tensor | None = None) -> torch.Tensor | None:
     """The step's host bitmask [B, words]: each constrained row filled by its grammar, the
-    others all ones; None when no row is constrained."""
+    others all ones; None when no row masks anything. `out`: a buffer of at least B rows to
+    fill instead of a new tensor (its first B rows are returned)."""
     if all(g is None for g in grammars):
         return None
-    bitmask = torch.full((len(grammars), bitmask_words(vocab_size)), -1, dtype=torch.int32)
+    if out is None:
+        bitmask = torch.empty((len(grammars), bitmask_words(vocab_size)), dtype=torch.int32)
+    else:
+        bitmask = out[: len(grammars)]
+    masks = False
+    free = [row for row, g in enumerate(grammars) if g is None]
+    if free:
+        bitmask[free] = -1
     for row, grammar in enumerate(grammars):
-        if grammar is not None:
-            grammar.fill(bitmask, row)
-    return bitmask
+        if grammar is not None and grammar.fill(bitmask, row):
+            masks = True
+    return bitmask if masks else None
+
+
+class BitmaskStager:
+    """The steps' token bitmasks on their way to the logits' device: filled on the host into one
+    of two pinned buffers, used in turn (the other may still be copying), and copied in one
+    non-blocking copy into a device buffer that stream order keeps until the sampling has read it."""
+
+    def __init__(self, vocab_size: int, device: torch.device) -> None:
+        self.vocab_size, self.device = vocab_size, device
+        self.bits = token_bits(device)
+        self._rows = 0
+        self._turn = 0
+        self._host: list[torch.Tensor] = []
+        self._dev: torch.Tensor | None = None
+        self._copied: list[torch.cuda.Event] | None = None
+
+    def _grow(self, rows: int) -> None:
+        words = bitmask_words(self.vocab_size)
+        pinned = self.device.type == "cuda"
+        self._host = [torch.empty((rows, words), dtype=torch.int32, pin_memory=pinned) for _ in range(2)]
+        self._dev = torch.empty((rows, words), dtype=torch.int32, device=self.device) if pinned else None
+        self._copied = [torch.cuda.Event() for _ in range(2)] if pinned else None
+        self._rows = rows
+
+    def fill(self, grammars: list) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(host bitmask, the same on the device) for the rows' grammars; None when none masks."""
+        if all(g is None for g in grammars):
+            return None
+        if len(grammars) > self._rows:
+            if self._copied is not None:
+                torch.cuda.current_stream(self.device).synchronize()  # the old buffers may still be read
+            self._grow(max(len(grammars), 2 * self._rows))
+        turn, self._turn = self._turn, self._turn ^ 1
+        if self._copied is not None:
+            self._copied[turn].synchronize()  # its copy two steps ago: long done
+        host = fill_bitmask(grammars, self.vocab_size, out=self._host[turn])
+        if host is None:
+            return None
+        if self._dev is None:
+            return host, host
+        dev = self._dev[: len(grammars)]
+        dev.copy_(host, non_blocking=True)
+        self._copied[turn].record(torch.cuda.current_stream(self.device))
+        return host, dev
 
 
 def allows_other_than(bitmask_row: torch.Tensor, token_ids: list[int]) -> bool:
