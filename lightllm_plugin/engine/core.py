@@ -120,7 +120,9 @@ class EngineCore:
         self.cache_hit_tokens = 0  # of those, the ones read from the cache
         self._live: dict[int, _LiveRequest] = {}
         self._auto_ids = itertools.count(1 << 40)
-        self._queued: _LaunchedStep | None = None  # a decode step queued ahead of the host
+        # decode steps on the device ahead of the host, oldest first: one, or under a grammar two (the
+        # second's sampling waits for the first's tokens)
+        self._ahead: list[_LaunchedStep] = []
         self.steps_queued_ahead = 0
         self._grammar_compiler: GrammarCompiler | None = None  # built at the first constrained request
         self._compiling: dict[int, _LiveRequest] = {}  # requests whose grammar is not compiled yet
@@ -363,12 +365,13 @@ class EngineCore:
         input ids taken from the tokens still on the device: the GPU never waits for the host's
         bookkeeping. A request that turns out to have finished (eos) in the step read back had
         one token too many computed in the queued step; that token is dropped, and its KV slot
-        freed with the others.
+        freed with the others. With a grammar in the batch the step behind it is queued as a forward
+        only, its sampling launched once the grammars have taken the tokens read back (see _read_back).
         """
         if self._compiling:
-            idle = self._queued is None and not self.scheduler.num_running and not self.scheduler.num_waiting
+            idle = not self._ahead and not self.scheduler.num_running and not self.scheduler.num_waiting
             self._schedule_compiled(_GRAMMAR_WAIT_S if idle else 0.0)
-        launched, self._queued = self._queued, None
+        launched = self._ahead.pop(0) if self._ahead else None
         if launched is None:
             batch = self.scheduler.schedule()
             if batch.is_empty():
@@ -377,10 +380,12 @@ class EngineCore:
                 return self._pooling_step(batch)
             launched = self._launch_scheduled(batch)
         elif launched.deferred is not None:
-            # its sampling waited for the tokens of the step before, which are read now (the read-back
-            # launches it at once when it was queued before the read)
+            # its sampling waited for the tokens of the step before, which are read by now
             launched.pending, launched.deferred = launched.deferred.launch(), None
-        self._queued = self._queue_next_decode(launched)
+        if not self._ahead:
+            queued = self._queue_next_decode(launched)
+            if queued is not None:
+                self._ahead.append(queued)
         return self._read_back(launched)
 
     def _launch_scheduled(self, batch) -> _LaunchedStep:
@@ -503,11 +508,20 @@ class EngineCore:
         requests that go on fill running_max_req_size: it would give exactly the running
         requests), no penalties (they read the output ids), and a CUDA-graph step. Requests that
         reach max_new_tokens in `launched` are left out. With a grammar in the batch only the
-        forward is queued: the masks need `launched`'s tokens, so the sampling is launched at the
-        next step, once they are read (the host's reading and mask filling still overlap the
-        forward). A request that stops on a token in `launched` frees its place for a waiting one
-        a step later than without queuing."""
-        if not self.scheduler.all_prefilled() or launched.pending is None:
+        forward is queued: the masks need `launched`'s tokens, so the sampling is launched once
+        they are read (the host's reading and mask filling overlap the forward). A request that
+        stops on a token in `launched` frees its place for a waiting one a step later than
+        without queuing."""
+        if launched.pending is None:
+            return None
+        plan = self._plan_next_decode(launched)
+        return self._launch_planned(plan, launched.pending.tokens) if plan is not None else None
+
+    def _plan_next_decode(self, launched: _LaunchedStep):
+        """The host's part of queuing the step after `launched` (whose sampling may not be launched
+        yet): (its requests, their entries with their KV slots taken, their rows in `launched` or
+        None for all of them); None when it is not queued (see _queue_next_decode)."""
+        if not self.scheduler.all_prefilled():
             return None
         alive = [(i, live) for i, live in enumerate(launched.order) if self._live.get(live.req_id) is live]
         if len(alive) != self.scheduler.num_running:
@@ -531,11 +545,15 @@ class EngineCore:
             output_len = len(live.output_ids) + 1
             live.sampler.blocked_ids = self._blocked_ids(live, output_len)
             entries.append(self._decode_entry(live, output_len, 0))  # the token comes from the device
-        tokens = launched.pending.tokens
-        if len(rows) != len(launched.order):
+        return order, entries, rows if len(rows) != len(launched.order) else None
+
+    def _launch_planned(self, plan, tokens: torch.Tensor) -> _LaunchedStep:
+        """Queue a planned step; its input ids are `tokens` ([B] of the step before, on the device)."""
+        order, entries, rows = plan
+        if rows is not None:
             tokens = tokens[torch.tensor(rows, dtype=torch.long, pin_memory=True).to(tokens.device, non_blocking=True)]
         self.steps_queued_ahead += 1
-        # a grammar's mask needs the token `launched` samples: only the forward is queued now
+        # a grammar's mask needs the token the step before samples: only the forward is queued now
         constrained = any(live.sampler.grammar is not None for live in order)
         result = self.runner.launch(entries, chained_ids=tokens, table_writes=self._take_table_writes(),
                                     defer_sampling=constrained)
@@ -544,9 +562,10 @@ class EngineCore:
         return _LaunchedStep(order, result)
 
     def _read_back(self, launched: _LaunchedStep) -> list[TokenEvent]:
-        """Wait for `launched`'s tokens; the grammars take them, and the sampling of the step
-        queued behind it, which waited for them, is launched before anything else is done, so
-        that it is on the device before that step's forward ends."""
+        """Wait for `launched`'s tokens and turn them into events. When the step queued behind it
+        waits for its masks (a grammar in the batch), the grammars take the tokens first, the masks
+        are filled meanwhile, and that step's sampling and the forward of the step after it are
+        launched before the return: two forwards stay ahead of the host, as without a grammar."""
         if launched.pending is None:
             return []
         result = launched.pending.result()
@@ -568,9 +587,10 @@ class EngineCore:
                     # the grammar is complete (its stop token was sampled under ignore_eos, or it
                     # takes nothing more), or the token broke it (only a fault could sample a masked token)
                     reasons[k] = "stop"
-        queued = self._queued
-        if queued is not None and queued.deferred is not None:
-            queued.pending, queued.deferred = queued.deferred.launch(), None
+        # the step behind, on the device, waits for its masks: filled on the grammar worker while
+        # this thread builds the events and plans the step after it
+        queued = self._ahead[0] if self._ahead and self._ahead[0].deferred is not None else None
+        masks = queued.deferred.start_masks() if queued is not None else None
         events = []
         want_lp = result.logprobs is not None
         for (i, live), reason in zip(taken, reasons):
@@ -590,6 +610,12 @@ class EngineCore:
             if reason is not None:
                 del self._live[live.req_id]
                 self._release(live)
+        if queued is not None:
+            plan = self._plan_next_decode(queued)
+            queued.pending, queued.deferred = queued.deferred.launch(masks), None
+            if plan is not None:
+                # behind it at once: its forward only needs the tokens on the device
+                self._ahead.append(self._launch_planned(plan, queued.pending.tokens))
         return events
 
     def _finish_reason(self, live: _LiveRequest, token: int) -> str | None:

@@ -13,7 +13,15 @@ from dataclasses import dataclass
 
 import torch
 
-from lightllm_plugin.engine.structured_output import BitmaskStager, allows_other_than, apply_token_bitmask
+from lightllm_plugin.engine.structured_output import (
+    BitmaskStager,
+    MaskFill,
+    allows_other_than,
+    apply_token_bitmask,
+    fill_bitmask,
+    masked_logits,
+    token_bits,
+)
 from lightllm_plugin.sampling_params import SamplingParams
 
 
@@ -119,8 +127,14 @@ class DeferredSample:
                  bitmasks: BitmaskStager | None = None):
         self.logits, self.rows, self.default_generator, self.bitmasks = logits, rows, default_generator, bitmasks
 
-    def launch(self) -> PendingSample:
-        return launch_sample(self.logits, self.rows, self.default_generator, self.bitmasks)
+    def start_masks(self) -> MaskFill | None:
+        """Begin filling this step's masks (the grammars have taken the tokens before); the caller
+        does other work, then launches with the result."""
+        return self.bitmasks.start([r.grammar for r in self.rows]) if self.bitmasks is not None else None
+
+    @torch.inference_mode()
+    def launch(self, masks: MaskFill | None = None) -> PendingSample:
+        return launch_sample(self.logits, self.rows, self.default_generator, self.bitmasks, masks)
 
 
 def sample(logits: torch.Tensor, rows: list[SamplerRow], default_generator: torch.Generator) -> SampleResult:
@@ -129,9 +143,10 @@ def sample(logits: torch.Tensor, rows: list[SamplerRow], default_generator: torc
 
 
 def launch_sample(logits: torch.Tensor, rows: list[SamplerRow], default_generator: torch.Generator,
-                  bitmasks: BitmaskStager | None = None) -> PendingSample:
+                  bitmasks: BitmaskStager | None = None, started: MaskFill | None = None) -> PendingSample:
     """logits: [B, V] float32, one row per entry of `rows`. The caller's buffer is not modified.
-    `bitmasks`: the caller's buffers for the grammars' token masks, kept from step to step.
+    `bitmasks`: the caller's buffers for the grammars' token masks, kept from step to step;
+    `started`: this step's masks, already being filled there.
 
     The device work is queued without reading anything back; `PendingSample.result()` brings
     the token ids (and logprobs when asked for) to the host under one wait, the step's only sync.
@@ -140,15 +155,20 @@ def launch_sample(logits: torch.Tensor, rows: list[SamplerRow], default_generato
     want_logprobs = [r.params.logprobs for r in rows]
     raw_logprobs = torch.log_softmax(logits, dim=-1) if any(k is not None for k in want_logprobs) else None
 
-    # filled on the host now: each grammar has taken the row's previous token
-    grammars = [r.grammar for r in rows]
+    # filled on the host: each grammar has taken the row's previous token
     masks = None
-    if any(g is not None for g in grammars):
-        if bitmasks is None:
-            bitmasks = BitmaskStager(logits.shape[1], device)
-        masks = bitmasks.fill(grammars)
+    if started is not None:
+        masks = started.wait()
+    elif bitmasks is not None:
+        masks = bitmasks.fill([r.grammar for r in rows])
+    else:
+        host = fill_bitmask([r.grammar for r in rows], logits.shape[1])
+        masks = (host, host.to(device)) if host is not None else None
     bitmask = masks[0] if masks is not None else None
-    if bitmask is not None or any(r.blocked_ids or has_penalty(r.params) for r in rows):
+    bits = bitmasks.bits if bitmasks is not None else None
+    if bitmask is not None and not any(r.blocked_ids or has_penalty(r.params) for r in rows):
+        logits = masked_logits(logits, masks[1], bits if bits is not None else token_bits(device))
+    elif bitmask is not None or any(r.blocked_ids or has_penalty(r.params) for r in rows):
         # CUDA-graph logits live in a static buffer: edit a copy
         logits = logits.clone()
         _apply_penalties(logits, rows)
@@ -161,7 +181,7 @@ def launch_sample(logits: torch.Tensor, rows: list[SamplerRow], default_generato
                 continue
             logits[i, row.blocked_ids] = float("-inf")
         if bitmask is not None:
-            apply_token_bitmask(logits, masks[1], bitmasks.bits)
+            apply_token_bitmask(logits, masks[1], bits)
 
     tokens = logits.argmax(dim=-1)
     greedy = [r.params.greedy for r in rows]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -64,10 +65,6 @@ class RequestGrammar:
 
     def accept(self, token: int) -> bool:
         return self._matcher.accept_token(token)
-
-    @property
-    def matcher(self):
-        return self._matcher
 
     @property
     def terminated(self) -> bool:
@@ -167,21 +164,9 @@ class GrammarCompiler:
 
 
 def accept_tokens(grammars: list, tokens: list[int]) -> list[bool]:
-    """Each grammar takes its token: whether the token was allowed. The xgrammar matchers take
-    theirs in one call of the library."""
-    accepted = [True] * len(grammars)
-    batch = [i for i, g in enumerate(grammars) if isinstance(g, RequestGrammar)]
-    if batch:
-        import xgrammar
-
-        taken = xgrammar.BatchGrammarMatcher.batch_accept_token([grammars[i].matcher for i in batch],
-                                                                [tokens[i] for i in batch])
-        for i, ok in zip(batch, taken):
-            accepted[i] = bool(ok)
-    for i, g in enumerate(grammars):
-        if g is not None and not isinstance(g, RequestGrammar):
-            accepted[i] = g.accept(tokens[i])
-    return accepted
+    """Each grammar takes its token: whether the token was allowed. One call per matcher: on a
+    2-core host xgrammar's batch_accept_token took 30% longer for 64 matchers."""
+    return [g.accept(t) for g, t in zip(grammars, tokens)]
 
 
 def fill_bitmask(grammars: list, vocab_size: int, out: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -204,48 +189,100 @@ def fill_bitmask(grammars: list, vocab_size: int, out: torch.Tensor | None = Non
     return bitmask if masks else None
 
 
+class MaskFill:
+    """A step's bitmask being filled: the xgrammar rows on the stager's worker thread (the library
+    releases the GIL while it fills, so the step thread's own work goes on meanwhile)."""
+
+    def __init__(self, stager: BitmaskStager, turn: int, host: torch.Tensor, pending: Future | None) -> None:
+        self._stager, self._turn, self._host, self._pending = stager, turn, host, pending
+
+    def wait(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(host bitmask, the same on the device), the copy queued on the current stream."""
+        if self._pending is not None:
+            self._pending.result()
+        return self._stager.upload(self._turn, self._host)
+
+
 class BitmaskStager:
     """The steps' token bitmasks on their way to the logits' device: filled on the host into one
     of two pinned buffers, used in turn (the other may still be copying), and copied in one
     non-blocking copy into a device buffer that stream order keeps until the sampling has read it."""
 
     def __init__(self, vocab_size: int, device: torch.device) -> None:
+        import xgrammar
+
         self.vocab_size, self.device = vocab_size, device
-        self.bits = token_bits(device)
+        with torch.inference_mode(False):  # buffers written in and out of inference mode
+            self.bits = token_bits(device)
         self._rows = 0
         self._turn = 0
         self._host: list[torch.Tensor] = []
         self._dev: torch.Tensor | None = None
         self._copied: list[torch.cuda.Event] | None = None
+        self._filling: Future | None = None
+        # measured on the H200's 16-core host, 64 rows: 0.53 ms one call per row, 0.42 ms one batch
+        # call on 4 threads; a 2-core host gets one thread
+        self._batch = xgrammar.BatchGrammarMatcher(min(4, max(1, (os.cpu_count() or 1) // 4)))
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-mask")
+
+    def close(self) -> None:
+        self._worker.shutdown(wait=True)
 
     def _grow(self, rows: int) -> None:
         words = bitmask_words(self.vocab_size)
         pinned = self.device.type == "cuda"
-        self._host = [torch.empty((rows, words), dtype=torch.int32, pin_memory=pinned) for _ in range(2)]
-        self._dev = torch.empty((rows, words), dtype=torch.int32, device=self.device) if pinned else None
+        with torch.inference_mode(False):
+            self._host = [torch.empty((rows, words), dtype=torch.int32, pin_memory=pinned) for _ in range(2)]
+            self._dev = torch.empty((rows, words), dtype=torch.int32, device=self.device) if pinned else None
         self._copied = [torch.cuda.Event() for _ in range(2)] if pinned else None
         self._rows = rows
 
-    def fill(self, grammars: list) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(host bitmask, the same on the device) for the rows' grammars; None when none masks."""
+    def start(self, grammars: list) -> MaskFill | None:
+        """Begin filling the rows' bitmask (None: no row has a grammar)."""
         if all(g is None for g in grammars):
             return None
         if len(grammars) > self._rows:
             if self._copied is not None:
                 torch.cuda.current_stream(self.device).synchronize()  # the old buffers may still be read
             self._grow(max(len(grammars), 2 * self._rows))
+        if self._filling is not None:
+            self._filling.result()  # a fill whose step failed may still be writing
         turn, self._turn = self._turn, self._turn ^ 1
         if self._copied is not None:
             self._copied[turn].synchronize()  # its copy two steps ago: long done
-        host = fill_bitmask(grammars, self.vocab_size, out=self._host[turn])
-        if host is None:
-            return None
+        host = self._host[turn][: len(grammars)]
+        matchers, rows = [], []
+        for row, grammar in enumerate(grammars):
+            if isinstance(grammar, RequestGrammar) and not grammar.terminated:
+                matchers.append(grammar._matcher)
+                rows.append(row)
+            elif grammar is None:
+                host[row] = -1
+            else:
+                grammar.fill(host, row)
+        pending = self._worker.submit(self._batch.batch_fill_next_token_bitmask, matchers, host, rows) if rows else None
+        self._filling = pending
+        return MaskFill(self, turn, host, pending)
+
+    def fill(self, grammars: list) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(host bitmask, the same on the device) for the rows' grammars; None when none has one."""
+        fill = self.start(grammars)
+        return fill.wait() if fill is not None else None
+
+    def upload(self, turn: int, host: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self._dev is None:
             return host, host
-        dev = self._dev[: len(grammars)]
+        dev = self._dev[: host.shape[0]]
         dev.copy_(host, non_blocking=True)
         self._copied[turn].record(torch.cuda.current_stream(self.device))
         return host, dev
+
+
+def masked_logits(logits: torch.Tensor, bitmask: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """A copy of logits [B, V] with -inf wherever bitmask's bit is 0 (as apply_token_bitmask), in
+    one pass over the logits instead of a copy and a masking pass."""
+    blocked = ((bitmask.unsqueeze(-1) & bits) == 0).flatten(1)[:, : logits.shape[1]]
+    return torch.where(blocked, float("-inf"), logits)
 
 
 def allows_other_than(bitmask_row: torch.Tensor, token_ids: list[int]) -> bool:
