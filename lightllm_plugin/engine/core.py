@@ -126,6 +126,7 @@ class EngineCore:
         self.steps_queued_ahead = 0
         self._grammar_compiler: GrammarCompiler | None = None  # built at the first constrained request
         self._compiling: dict[int, _LiveRequest] = {}  # requests whose grammar is not compiled yet
+        self._failed: list[tuple[int, str]] = []  # ended by the engine, not reported yet (take_failed)
         self.image_cache = ImageEmbeddingCache(_IMAGE_CACHE_BYTES) if self.runner.vision else None
         self.images_encoded = 0  # images the vision step ran the tower on (the others were cached)
 
@@ -267,12 +268,19 @@ class EngineCore:
             live.grammar_pending = None
             try:
                 live.sampler.grammar = self._grammars().matcher(future.result())
-            except Exception:
-                # check() parsed the spec already: a compilation that still fails is a library fault
-                logger.exception("the grammar of request %d did not compile; aborting it", req_id)
+            except Exception as exc:
+                # check() parsed the spec already: the library could not compile what it parsed
+                logger.warning("the grammar of request %d did not compile (%s): ending it", req_id, exc)
+                self._failed.append((req_id, GrammarCompiler.compile_error(live.params.structured_outputs, exc)))
                 self.abort(req_id)
                 continue
             self.scheduler.add(live.sched)
+
+    def take_failed(self) -> list[tuple[int, str]]:
+        """Requests the engine ended on its own since the last call, without an event (their
+        grammar did not compile), each with the message for its client; their slots are free."""
+        failed, self._failed = self._failed, []
+        return failed
 
     def abort(self, req_id: int) -> bool:
         """Drop a request now; its KV slots return to the free-list at once."""

@@ -27,6 +27,17 @@ _LOCATION = re.compile(r"^\[[^\]]*\]\s*\S+:\d+:\s*")
 _CACHED_GRAMMARS = 256  # distinct specs kept compiled; the least recently used goes first
 
 
+def _what(spec: StructuredOutputs) -> str:
+    return {"json": "JSON schema", "json_object": "JSON object", "regex": "regex", "grammar": "grammar",
+            "structural_tag": "structural tag"}.get(spec.kind, spec.kind)
+
+
+def _library_message(exc: BaseException) -> str:
+    text = str(exc).strip()
+    # the library's messages start with a timestamp and its source location
+    return _LOCATION.sub("", text.splitlines()[0]) if text else type(exc).__name__
+
+
 def bitmask_words(vocab_size: int) -> int:
     return (vocab_size + 31) // 32
 
@@ -120,12 +131,12 @@ class GrammarCompiler:
         try:
             self._grammar(spec)
         except Exception as exc:  # the library raises RuntimeError/ValueError/its own types
-            what = {"json": "JSON schema", "regex": "regex", "grammar": "grammar",
-                    "structural_tag": "structural tag"}.get(spec.kind, spec.kind)
-            text = str(exc).strip()
-            # the library's messages start with a timestamp and its source location
-            message = _LOCATION.sub("", text.splitlines()[0]) if text else type(exc).__name__
-            raise ValueError(f"{spec.field}: invalid {what}: {message}") from None
+            raise ValueError(f"{spec.field}: invalid {_what(spec)}: {_library_message(exc)}") from None
+
+    @staticmethod
+    def compile_error(spec: StructuredOutputs, exc: BaseException) -> str:
+        """The client's message for a spec that parsed but did not compile."""
+        return f"{spec.field}: the {_what(spec)} could not be compiled: {_library_message(exc)}"
 
     def _grammar(self, spec: StructuredOutputs):
         xgr = self._xgr

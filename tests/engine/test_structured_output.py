@@ -122,6 +122,23 @@ def test_min_new_tokens_gives_way_to_a_complete_grammar(llm):
     assert held.outputs[0].token_ids == plain.outputs[0].token_ids
 
 
+class _RefusingCompiler:
+    """In place of xgrammar's compiler: refuses a grammar its parser took (no spec found that
+    xgrammar 0.2.9 parses and then fails to compile; the library's own message shape)."""
+
+    def compile_grammar(self, grammar):
+        raise RuntimeError("[12:00:00] /project/cpp/grammar_compiler.cc:1: out of memory")
+
+
+def test_a_grammar_that_does_not_compile_ends_the_request_with_its_error(llm, monkeypatch):
+    monkeypatch.setattr(llm.engine._grammars(), "_compiler", _RefusingCompiler())
+    with pytest.raises(ValueError, match=r"^structured_outputs: the regex could not be compiled: out of memory$"):
+        _chat(llm, ["Hi", "Hello"], max_new_tokens=4, structured_outputs={"regex": "[a-z]{3}q"})
+    assert not llm.engine.has_unfinished()
+    llm.engine.flush_cache()
+    assert llm.engine.free_slots.num_free == llm.engine.total_slots
+
+
 @pytest.mark.parametrize("spec, problem", [
     ({"regex": "(("}, "structured_outputs: invalid regex"),
     ({"json": {"type": "foo"}}, "structured_outputs: invalid JSON schema"),
