@@ -226,7 +226,12 @@ class LLM:
         done: list[_Pending] = []
         bar = tqdm(total=len(pending), desc="Generating", unit="req", disable=not use_tqdm)
         try:
-            while engine.has_unfinished():
+            while True:
+                failed = engine.take_failed()  # ended without an event: a grammar that did not compile
+                if failed:
+                    raise ValueError(failed[0][1])
+                if not engine.has_unfinished():
+                    break
                 for event in engine.step():
                     p = pending[event.req_id]
                     p.token_ids.append(event.token_id)

@@ -28,7 +28,7 @@ from lightllm_plugin.engine.runner import ModelRunner, StepEntry, TableWrites
 from lightllm_plugin.engine.sampling import DeferredSample, PendingSample, SamplerRow, has_penalty
 from lightllm_plugin.engine.scheduler import SchedRequest, Scheduler
 from lightllm_plugin.engine.step_plan import PlanSender
-from lightllm_plugin.engine.structured_output import AllowedTokens, GrammarCompiler
+from lightllm_plugin.engine.structured_output import AllowedTokens, GrammarCompiler, accept_tokens
 from lightllm_plugin.images import ImageData
 from lightllm_plugin.models.loader import InMemoryCheckpoint
 from lightllm_plugin.models.tensor_parallel import TPGroup
@@ -120,10 +120,13 @@ class EngineCore:
         self.cache_hit_tokens = 0  # of those, the ones read from the cache
         self._live: dict[int, _LiveRequest] = {}
         self._auto_ids = itertools.count(1 << 40)
-        self._queued: _LaunchedStep | None = None  # a decode step queued ahead of the host
+        # decode steps on the device ahead of the host, oldest first: one, or under a grammar two (the
+        # second's sampling waits for the first's tokens)
+        self._ahead: list[_LaunchedStep] = []
         self.steps_queued_ahead = 0
         self._grammar_compiler: GrammarCompiler | None = None  # built at the first constrained request
         self._compiling: dict[int, _LiveRequest] = {}  # requests whose grammar is not compiled yet
+        self._failed: list[tuple[int, str]] = []  # ended by the engine, not reported yet (take_failed)
         self.image_cache = ImageEmbeddingCache(_IMAGE_CACHE_BYTES) if self.runner.vision else None
         self.images_encoded = 0  # images the vision step ran the tower on (the others were cached)
 
@@ -265,12 +268,19 @@ class EngineCore:
             live.grammar_pending = None
             try:
                 live.sampler.grammar = self._grammars().matcher(future.result())
-            except Exception:
-                # check() parsed the spec already: a compilation that still fails is a library fault
-                logger.exception("the grammar of request %d did not compile; aborting it", req_id)
+            except Exception as exc:
+                # check() parsed the spec already: the library could not compile what it parsed
+                logger.warning("the grammar of request %d did not compile (%s): ending it", req_id, exc)
+                self._failed.append((req_id, GrammarCompiler.compile_error(live.params.structured_outputs, exc)))
                 self.abort(req_id)
                 continue
             self.scheduler.add(live.sched)
+
+    def take_failed(self) -> list[tuple[int, str]]:
+        """Requests the engine ended on its own since the last call, without an event (their
+        grammar did not compile), each with the message for its client; their slots are free."""
+        failed, self._failed = self._failed, []
+        return failed
 
     def abort(self, req_id: int) -> bool:
         """Drop a request now; its KV slots return to the free-list at once."""
@@ -363,12 +373,13 @@ class EngineCore:
         input ids taken from the tokens still on the device: the GPU never waits for the host's
         bookkeeping. A request that turns out to have finished (eos) in the step read back had
         one token too many computed in the queued step; that token is dropped, and its KV slot
-        freed with the others.
+        freed with the others. With a grammar in the batch the step behind it is queued as a forward
+        only, its sampling launched once the grammars have taken the tokens read back (see _read_back).
         """
         if self._compiling:
-            idle = self._queued is None and not self.scheduler.num_running and not self.scheduler.num_waiting
+            idle = not self._ahead and not self.scheduler.num_running and not self.scheduler.num_waiting
             self._schedule_compiled(_GRAMMAR_WAIT_S if idle else 0.0)
-        launched, self._queued = self._queued, None
+        launched = self._ahead.pop(0) if self._ahead else None
         if launched is None:
             batch = self.scheduler.schedule()
             if batch.is_empty():
@@ -377,9 +388,12 @@ class EngineCore:
                 return self._pooling_step(batch)
             launched = self._launch_scheduled(batch)
         elif launched.deferred is not None:
-            # the previous step's tokens are read and taken by the grammars: their masks can be filled
+            # its sampling waited for the tokens of the step before, which are read by now
             launched.pending, launched.deferred = launched.deferred.launch(), None
-        self._queued = self._queue_next_decode(launched)
+        if not self._ahead:
+            queued = self._queue_next_decode(launched)
+            if queued is not None:
+                self._ahead.append(queued)
         return self._read_back(launched)
 
     def _launch_scheduled(self, batch) -> _LaunchedStep:
@@ -502,11 +516,20 @@ class EngineCore:
         requests that go on fill running_max_req_size: it would give exactly the running
         requests), no penalties (they read the output ids), and a CUDA-graph step. Requests that
         reach max_new_tokens in `launched` are left out. With a grammar in the batch only the
-        forward is queued: the masks need `launched`'s tokens, so the sampling is launched at the
-        next step, once they are read (the host's reading and mask filling still overlap the
-        forward). A request that stops on a token in `launched` frees its place for a waiting one
-        a step later than without queuing."""
-        if not self.scheduler.all_prefilled() or launched.pending is None:
+        forward is queued: the masks need `launched`'s tokens, so the sampling is launched once
+        they are read (the host's reading and mask filling overlap the forward). A request that
+        stops on a token in `launched` frees its place for a waiting one a step later than
+        without queuing."""
+        if launched.pending is None:
+            return None
+        plan = self._plan_next_decode(launched)
+        return self._launch_planned(plan, launched.pending.tokens) if plan is not None else None
+
+    def _plan_next_decode(self, launched: _LaunchedStep):
+        """The host's part of queuing the step after `launched` (whose sampling may not be launched
+        yet): (its requests, their entries with their KV slots taken, their rows in `launched` or
+        None for all of them); None when it is not queued (see _queue_next_decode)."""
+        if not self.scheduler.all_prefilled():
             return None
         alive = [(i, live) for i, live in enumerate(launched.order) if self._live.get(live.req_id) is live]
         if len(alive) != self.scheduler.num_running:
@@ -530,11 +553,15 @@ class EngineCore:
             output_len = len(live.output_ids) + 1
             live.sampler.blocked_ids = self._blocked_ids(live, output_len)
             entries.append(self._decode_entry(live, output_len, 0))  # the token comes from the device
-        tokens = launched.pending.tokens
-        if len(rows) != len(launched.order):
+        return order, entries, rows if len(rows) != len(launched.order) else None
+
+    def _launch_planned(self, plan, tokens: torch.Tensor) -> _LaunchedStep:
+        """Queue a planned step; its input ids are `tokens` ([B] of the step before, on the device)."""
+        order, entries, rows = plan
+        if rows is not None:
             tokens = tokens[torch.tensor(rows, dtype=torch.long, pin_memory=True).to(tokens.device, non_blocking=True)]
         self.steps_queued_ahead += 1
-        # a grammar's mask needs the token `launched` samples: only the forward is queued now
+        # a grammar's mask needs the token the step before samples: only the forward is queued now
         constrained = any(live.sampler.grammar is not None for live in order)
         result = self.runner.launch(entries, chained_ids=tokens, table_writes=self._take_table_writes(),
                                     defer_sampling=constrained)
@@ -543,28 +570,45 @@ class EngineCore:
         return _LaunchedStep(order, result)
 
     def _read_back(self, launched: _LaunchedStep) -> list[TokenEvent]:
+        """Wait for `launched`'s tokens and turn them into events. When the step queued behind it
+        waits for its masks (a grammar in the batch), the grammars take the tokens first, the masks
+        are filled meanwhile, and that step's sampling and the forward of the step after it are
+        launched before the return: two forwards stay ahead of the host, as without a grammar."""
         if launched.pending is None:
             return []
         result = launched.pending.result()
-        events = []
-        for i, live in enumerate(launched.order):
-            if self._live.get(live.req_id) is not live:
-                continue  # finished or aborted after this step was queued: its token is dropped
+        taken = [(i, live) for i, live in enumerate(launched.order) if self._live.get(live.req_id) is live]
+        # a request finished or aborted after this step was queued: its token is dropped
+        reasons = []
+        for i, live in taken:
             token = result.token_ids[i]
             live.output_ids.append(token)
             live.sched.output_len = len(live.output_ids)
-            reason = self._finish_reason(live, token)
-            grammar = live.sampler.grammar
-            if grammar is not None and reason is None and (not grammar.accept(token) or grammar.terminated):
-                # the grammar is complete (its stop token was sampled under ignore_eos, or it takes
-                # nothing more), or the token broke it (only a fault could sample a masked token)
-                reason = "stop"
+            reasons.append(self._finish_reason(live, token))
+        constrained = [(k, live.sampler.grammar) for k, (_, live) in enumerate(taken)
+                       if live.sampler.grammar is not None and reasons[k] is None]
+        if constrained:
+            grammars = [g for _, g in constrained]
+            accepted = accept_tokens(grammars, [taken[k][1].output_ids[-1] for k, _ in constrained])
+            for (k, grammar), ok in zip(constrained, accepted):
+                if not ok or grammar.terminated:
+                    # the grammar is complete (its stop token was sampled under ignore_eos, or it
+                    # takes nothing more), or the token broke it (only a fault could sample a masked token)
+                    reasons[k] = "stop"
+        # the step behind, on the device, waits for its masks: filled on the grammar worker while
+        # this thread builds the events and plans the step after it
+        queued = self._ahead[0] if self._ahead and self._ahead[0].deferred is not None else None
+        masks = queued.deferred.start_masks() if queued is not None else None
+        events = []
+        want_lp = result.logprobs is not None
+        for (i, live), reason in zip(taken, reasons):
+            params = live.params
             events.append(
                 TokenEvent(
                     req_id=live.req_id,
-                    token_id=token,
-                    logprob=result.logprobs[i] if result.logprobs is not None and live.params.logprobs is not None else None,
-                    top_logprobs=result.top_logprobs[i] if result.top_logprobs is not None and live.params.logprobs else None,
+                    token_id=live.output_ids[-1],
+                    logprob=result.logprobs[i] if want_lp and params.logprobs is not None else None,
+                    top_logprobs=result.top_logprobs[i] if result.top_logprobs is not None and params.logprobs else None,
                     finish_reason=reason,
                     output_len=len(live.output_ids),
                     prompt_len=len(live.prompt_ids),
@@ -574,6 +618,12 @@ class EngineCore:
             if reason is not None:
                 del self._live[live.req_id]
                 self._release(live)
+        if queued is not None:
+            plan = self._plan_next_decode(queued)
+            queued.pending, queued.deferred = queued.deferred.launch(masks), None
+            if plan is not None:
+                # behind it at once: its forward only needs the tokens on the device
+                self._ahead.append(self._launch_planned(plan, queued.pending.tokens))
         return events
 
     def _finish_reason(self, live: _LiveRequest, token: int) -> str | None:

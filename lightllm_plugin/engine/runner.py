@@ -28,6 +28,7 @@ from lightllm_plugin.engine.sampling import (
     launch_sample,
 )
 from lightllm_plugin.engine.step_plan import PlanSender, StepPlan
+from lightllm_plugin.engine.structured_output import BitmaskStager
 from lightllm_plugin.models.cpu_weights import StepRows, quantize_projections
 from lightllm_plugin.models.kv_cache import AttentionMetadata, QuantizedKVCache
 from lightllm_plugin.models.llama import Projection
@@ -175,6 +176,7 @@ class ModelRunner:
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(config.seed)
         self._request_generators: dict[int, torch.Generator] = {}
+        self._bitmasks: BitmaskStager | None = None  # staging of the grammars' token masks, kept across steps
 
     def _clamp_lengths_to_model(self) -> None:
         # callers such as LazyLLM pass one max_req_total_len (64000) for every model; beyond the
@@ -405,9 +407,15 @@ class ModelRunner:
         if len(sampled) < len(entries):
             logits = logits[torch.tensor(sampled, device=logits.device)]
         rows = [entries[i].sampler for i in sampled]
+        bitmasks = self._bitmask_stager(logits.shape[1]) if any(r.grammar is not None for r in rows) else None
         if defer_sampling:
-            return DeferredSample(logits, rows, self.generator)
-        return launch_sample(logits, rows, self.generator)
+            return DeferredSample(logits, rows, self.generator, bitmasks)
+        return launch_sample(logits, rows, self.generator, bitmasks)
+
+    def _bitmask_stager(self, vocab_size: int) -> BitmaskStager:
+        if self._bitmasks is None or self._bitmasks.vocab_size != vocab_size:
+            self._bitmasks = BitmaskStager(vocab_size, self.device)
+        return self._bitmasks
 
     def _write_table(self, writes: TableWrites) -> None:
         """req_to_token entries written ahead of a CUDA-graph step (the graph writes only its own)."""

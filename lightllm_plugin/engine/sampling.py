@@ -13,7 +13,15 @@ from dataclasses import dataclass
 
 import torch
 
-from lightllm_plugin.engine.structured_output import allows_other_than, apply_token_bitmask, fill_bitmask
+from lightllm_plugin.engine.structured_output import (
+    BitmaskStager,
+    MaskFill,
+    allows_other_than,
+    apply_token_bitmask,
+    fill_bitmask,
+    masked_logits,
+    token_bits,
+)
 from lightllm_plugin.sampling_params import SamplingParams
 
 
@@ -67,12 +75,6 @@ def _device_tensor(values: list, dtype: torch.dtype, device: torch.device) -> to
     return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
 
 
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    if device.type != "cuda":
-        return t
-    return t.pin_memory().to(device, non_blocking=True)
-
-
 class PendingSample:
     """A step's sampled tokens (and logprobs) queued for the host but not yet waited for.
 
@@ -121,11 +123,18 @@ class DeferredSample:
     """A step's logits whose sampling waits for the host: a grammar's mask for this step needs the
     token the step before sampled, which a step queued ahead of the host does not know yet."""
 
-    def __init__(self, logits: torch.Tensor, rows: list[SamplerRow], default_generator: torch.Generator):
-        self.logits, self.rows, self.default_generator = logits, rows, default_generator
+    def __init__(self, logits: torch.Tensor, rows: list[SamplerRow], default_generator: torch.Generator,
+                 bitmasks: BitmaskStager | None = None):
+        self.logits, self.rows, self.default_generator, self.bitmasks = logits, rows, default_generator, bitmasks
 
-    def launch(self) -> PendingSample:
-        return launch_sample(self.logits, self.rows, self.default_generator)
+    def start_masks(self) -> MaskFill | None:
+        """Begin filling this step's masks (the grammars have taken the tokens before); the caller
+        does other work, then launches with the result."""
+        return self.bitmasks.start([r.grammar for r in self.rows]) if self.bitmasks is not None else None
+
+    @torch.inference_mode()
+    def launch(self, masks: MaskFill | None = None) -> PendingSample:
+        return launch_sample(self.logits, self.rows, self.default_generator, self.bitmasks, masks)
 
 
 def sample(logits: torch.Tensor, rows: list[SamplerRow], default_generator: torch.Generator) -> SampleResult:
@@ -133,8 +142,11 @@ def sample(logits: torch.Tensor, rows: list[SamplerRow], default_generator: torc
     return launch_sample(logits, rows, default_generator).result()
 
 
-def launch_sample(logits: torch.Tensor, rows: list[SamplerRow], default_generator: torch.Generator) -> PendingSample:
+def launch_sample(logits: torch.Tensor, rows: list[SamplerRow], default_generator: torch.Generator,
+                  bitmasks: BitmaskStager | None = None, started: MaskFill | None = None) -> PendingSample:
     """logits: [B, V] float32, one row per entry of `rows`. The caller's buffer is not modified.
+    `bitmasks`: the caller's buffers for the grammars' token masks, kept from step to step;
+    `started`: this step's masks, already being filled there.
 
     The device work is queued without reading anything back; `PendingSample.result()` brings
     the token ids (and logprobs when asked for) to the host under one wait, the step's only sync.
@@ -143,9 +155,20 @@ def launch_sample(logits: torch.Tensor, rows: list[SamplerRow], default_generato
     want_logprobs = [r.params.logprobs for r in rows]
     raw_logprobs = torch.log_softmax(logits, dim=-1) if any(k is not None for k in want_logprobs) else None
 
-    # filled on the host now: each grammar has taken the row's previous token
-    bitmask = fill_bitmask([r.grammar for r in rows], logits.shape[1])
-    if bitmask is not None or any(r.blocked_ids or has_penalty(r.params) for r in rows):
+    # filled on the host: each grammar has taken the row's previous token
+    masks = None
+    if started is not None:
+        masks = started.wait()
+    elif bitmasks is not None:
+        masks = bitmasks.fill([r.grammar for r in rows])
+    else:
+        host = fill_bitmask([r.grammar for r in rows], logits.shape[1])
+        masks = (host, host.to(device)) if host is not None else None
+    bitmask = masks[0] if masks is not None else None
+    bits = bitmasks.bits if bitmasks is not None else None
+    if bitmask is not None and not any(r.blocked_ids or has_penalty(r.params) for r in rows):
+        logits = masked_logits(logits, masks[1], bits if bits is not None else token_bits(device))
+    elif bitmask is not None or any(r.blocked_ids or has_penalty(r.params) for r in rows):
         # CUDA-graph logits live in a static buffer: edit a copy
         logits = logits.clone()
         _apply_penalties(logits, rows)
@@ -158,7 +181,7 @@ def launch_sample(logits: torch.Tensor, rows: list[SamplerRow], default_generato
                 continue
             logits[i, row.blocked_ids] = float("-inf")
         if bitmask is not None:
-            apply_token_bitmask(logits, _to_device(bitmask, device))
+            apply_token_bitmask(logits, masks[1], bits)
 
     tokens = logits.argmax(dim=-1)
     greedy = [r.params.greedy for r in rows]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -26,17 +27,36 @@ _LOCATION = re.compile(r"^\[[^\]]*\]\s*\S+:\d+:\s*")
 _CACHED_GRAMMARS = 256  # distinct specs kept compiled; the least recently used goes first
 
 
+def _what(spec: StructuredOutputs) -> str:
+    return {"json": "JSON schema", "json_object": "JSON object", "regex": "regex", "grammar": "grammar",
+            "structural_tag": "structural tag"}.get(spec.kind, spec.kind)
+
+
+def _library_message(exc: BaseException) -> str:
+    text = str(exc).strip()
+    # the library's messages start with a timestamp and its source location
+    return _LOCATION.sub("", text.splitlines()[0]) if text else type(exc).__name__
+
+
 def bitmask_words(vocab_size: int) -> int:
     return (vocab_size + 31) // 32
 
 
-def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, bits: torch.Tensor | None = None) -> None:
     """In place: logits [B, V] get -inf wherever the bit of bitmask [B, ceil(V/32)] (int32, on
-    the logits' device; bit j of word w is token 32*w + j) is 0."""
+    the logits' device; bit j of word w is token 32*w + j) is 0. `bits`: token_bits(device),
+    kept by a caller that masks every step."""
     vocab = logits.shape[1]
-    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
-    allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).to(torch.bool).flatten(1)[:, :vocab]
-    logits.masked_fill_(~allowed, float("-inf"))
+    if bits is None:
+        bits = token_bits(bitmask.device)
+    # two passes over [B, V] to find the masked tokens, one to mask them
+    blocked = ((bitmask.unsqueeze(-1) & bits) == 0).flatten(1)[:, :vocab]
+    logits.masked_fill_(blocked, float("-inf"))
+
+
+def token_bits(device: torch.device) -> torch.Tensor:
+    """[32] int32: 1 << j, the bit of token 32*w + j in word w (bit 31 is the sign bit)."""
+    return torch.tensor([1 << j for j in range(31)] + [-(2**31)], dtype=torch.int32, device=device)
 
 
 class RequestGrammar:
@@ -46,9 +66,13 @@ class RequestGrammar:
     def __init__(self, matcher) -> None:
         self._matcher = matcher
 
-    def fill(self, bitmask: torch.Tensor, row: int) -> None:
-        if not self._matcher.is_terminated():  # else finished: a step queued ahead samples it, then drops it
-            self._matcher.fill_next_token_bitmask(bitmask, row)
+    def fill(self, bitmask: torch.Tensor, row: int) -> bool:
+        """Write the row; False when it allows every token (nothing to mask)."""
+        if self._matcher.is_terminated():
+            # finished: a step queued ahead samples it, then drops it
+            bitmask[row] = -1
+            return False
+        return self._matcher.fill_next_token_bitmask(bitmask, row)
 
     def accept(self, token: int) -> bool:
         return self._matcher.accept_token(token)
@@ -71,8 +95,9 @@ class AllowedTokens:
         # the top bit set makes the word negative as int32: wrap into the signed range
         self._row = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
-    def fill(self, bitmask: torch.Tensor, row: int) -> None:
+    def fill(self, bitmask: torch.Tensor, row: int) -> bool:
         bitmask[row] = self._row
+        return True
 
     def accept(self, token: int) -> bool:
         return True
@@ -106,12 +131,12 @@ class GrammarCompiler:
         try:
             self._grammar(spec)
         except Exception as exc:  # the library raises RuntimeError/ValueError/its own types
-            what = {"json": "JSON schema", "regex": "regex", "grammar": "grammar",
-                    "structural_tag": "structural tag"}.get(spec.kind, spec.kind)
-            text = str(exc).strip()
-            # the library's messages start with a timestamp and its source location
-            message = _LOCATION.sub("", text.splitlines()[0]) if text else type(exc).__name__
-            raise ValueError(f"{spec.field}: invalid {what}: {message}") from None
+            raise ValueError(f"{spec.field}: invalid {_what(spec)}: {_library_message(exc)}") from None
+
+    @staticmethod
+    def compile_error(spec: StructuredOutputs, exc: BaseException) -> str:
+        """The client's message for a spec that parsed but did not compile."""
+        return f"{spec.field}: the {_what(spec)} could not be compiled: {_library_message(exc)}"
 
     def _grammar(self, spec: StructuredOutputs):
         xgr = self._xgr
@@ -149,16 +174,126 @@ class GrammarCompiler:
         return RequestGrammar(self._xgr.GrammarMatcher(compiled))
 
 
-def fill_bitmask(grammars: list, vocab_size: int) -> torch.Tensor | None:
+def accept_tokens(grammars: list, tokens: list[int]) -> list[bool]:
+    """Each grammar takes its token: whether the token was allowed. One call per matcher: on a
+    2-core host xgrammar's batch_accept_token took 30% longer for 64 matchers."""
+    return [g.accept(t) for g, t in zip(grammars, tokens)]
+
+
+def fill_bitmask(grammars: list, vocab_size: int, out: torch.Tensor | None = None) -> torch.Tensor | None:
     """The step's host bitmask [B, words]: each constrained row filled by its grammar, the
-    others all ones; None when no row is constrained."""
+    others all ones; None when no row masks anything. `out`: a buffer of at least B rows to
+    fill instead of a new tensor (its first B rows are returned)."""
     if all(g is None for g in grammars):
         return None
-    bitmask = torch.full((len(grammars), bitmask_words(vocab_size)), -1, dtype=torch.int32)
+    if out is None:
+        bitmask = torch.empty((len(grammars), bitmask_words(vocab_size)), dtype=torch.int32)
+    else:
+        bitmask = out[: len(grammars)]
+    masks = False
+    free = [row for row, g in enumerate(grammars) if g is None]
+    if free:
+        bitmask[free] = -1
     for row, grammar in enumerate(grammars):
-        if grammar is not None:
-            grammar.fill(bitmask, row)
-    return bitmask
+        if grammar is not None and grammar.fill(bitmask, row):
+            masks = True
+    return bitmask if masks else None
+
+
+class MaskFill:
+    """A step's bitmask being filled: the xgrammar rows on the stager's worker thread (the library
+    releases the GIL while it fills, so the step thread's own work goes on meanwhile)."""
+
+    def __init__(self, stager: BitmaskStager, turn: int, host: torch.Tensor, pending: Future | None) -> None:
+        self._stager, self._turn, self._host, self._pending = stager, turn, host, pending
+
+    def wait(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(host bitmask, the same on the device), the copy queued on the current stream."""
+        if self._pending is not None:
+            self._pending.result()
+        return self._stager.upload(self._turn, self._host)
+
+
+class BitmaskStager:
+    """The steps' token bitmasks on their way to the logits' device: filled on the host into one
+    of two pinned buffers, used in turn (the other may still be copying), and copied in one
+    non-blocking copy into a device buffer that stream order keeps until the sampling has read it."""
+
+    def __init__(self, vocab_size: int, device: torch.device) -> None:
+        import xgrammar
+
+        self.vocab_size, self.device = vocab_size, device
+        with torch.inference_mode(False):  # buffers written in and out of inference mode
+            self.bits = token_bits(device)
+        self._rows = 0
+        self._turn = 0
+        self._host: list[torch.Tensor] = []
+        self._dev: torch.Tensor | None = None
+        self._copied: list[torch.cuda.Event] | None = None
+        self._filling: Future | None = None
+        # measured on the H200's 16-core host, 64 rows: 0.53 ms one call per row, 0.42 ms one batch
+        # call on 4 threads; a 2-core host gets one thread
+        self._batch = xgrammar.BatchGrammarMatcher(min(4, max(1, (os.cpu_count() or 1) // 4)))
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-mask")
+
+    def close(self) -> None:
+        self._worker.shutdown(wait=True)
+
+    def _grow(self, rows: int) -> None:
+        words = bitmask_words(self.vocab_size)
+        pinned = self.device.type == "cuda"
+        with torch.inference_mode(False):
+            self._host = [torch.empty((rows, words), dtype=torch.int32, pin_memory=pinned) for _ in range(2)]
+            self._dev = torch.empty((rows, words), dtype=torch.int32, device=self.device) if pinned else None
+        self._copied = [torch.cuda.Event() for _ in range(2)] if pinned else None
+        self._rows = rows
+
+    def start(self, grammars: list) -> MaskFill | None:
+        """Begin filling the rows' bitmask (None: no row has a grammar)."""
+        if all(g is None for g in grammars):
+            return None
+        if len(grammars) > self._rows:
+            if self._copied is not None:
+                torch.cuda.current_stream(self.device).synchronize()  # the old buffers may still be read
+            self._grow(max(len(grammars), 2 * self._rows))
+        if self._filling is not None:
+            self._filling.result()  # a fill whose step failed may still be writing
+        turn, self._turn = self._turn, self._turn ^ 1
+        if self._copied is not None:
+            self._copied[turn].synchronize()  # its copy two steps ago: long done
+        host = self._host[turn][: len(grammars)]
+        matchers, rows = [], []
+        for row, grammar in enumerate(grammars):
+            if isinstance(grammar, RequestGrammar) and not grammar.terminated:
+                matchers.append(grammar._matcher)
+                rows.append(row)
+            elif grammar is None:
+                host[row] = -1
+            else:
+                grammar.fill(host, row)
+        pending = self._worker.submit(self._batch.batch_fill_next_token_bitmask, matchers, host, rows) if rows else None
+        self._filling = pending
+        return MaskFill(self, turn, host, pending)
+
+    def fill(self, grammars: list) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(host bitmask, the same on the device) for the rows' grammars; None when none has one."""
+        fill = self.start(grammars)
+        return fill.wait() if fill is not None else None
+
+    def upload(self, turn: int, host: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._dev is None:
+            return host, host
+        dev = self._dev[: host.shape[0]]
+        dev.copy_(host, non_blocking=True)
+        self._copied[turn].record(torch.cuda.current_stream(self.device))
+        return host, dev
+
+
+def masked_logits(logits: torch.Tensor, bitmask: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """A copy of logits [B, V] with -inf wherever bitmask's bit is 0 (as apply_token_bitmask), in
+    one pass over the logits instead of a copy and a masking pass."""
+    blocked = ((bitmask.unsqueeze(-1) & bits) == 0).flatten(1)[:, : logits.shape[1]]
+    return torch.where(blocked, float("-inf"), logits)
 
 
 def allows_other_than(bitmask_row: torch.Tensor, token_ids: list[int]) -> bool:

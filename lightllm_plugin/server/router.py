@@ -98,6 +98,17 @@ class Router:
             skip_special_tokens=msg.params.skip_special_tokens,
         )
         self.to_detokenizer.send(encoder.encode(start))
+        self.report_failed()
+
+    def report_failed(self) -> None:
+        """Requests the engine ended on its own (a grammar that did not compile) go back to their
+        clients as errors at once, and the detokenizer forgets them."""
+        failed = self.core.take_failed()
+        if not failed:
+            return
+        self.to_detokenizer.send(encoder.encode(DetokenizeForget(req_ids=[req_id for req_id, _ in failed])))
+        for req_id, message in failed:
+            self.to_api.send(encoder.encode(RequestError(req_ids=[req_id], message=message)))
 
     def _flush_cache(self, msg: FlushCache) -> None:
         freed = self.core.flush_cache()
@@ -152,6 +163,7 @@ class Router:
             self.to_api.send(encoder.encode(PoolingBatch(outputs=events)))
         elif events:
             self.to_detokenizer.send(encoder.encode(TokenBatch(events=events)))
+        self.report_failed()
 
     def report_stats(self, force: bool = False) -> None:
         core = self.core

@@ -9,7 +9,13 @@ import torch
 import xgrammar
 
 from lightllm_plugin import LLM, SamplingParams
-from lightllm_plugin.engine.structured_output import AllowedTokens, apply_token_bitmask, bitmask_words
+from lightllm_plugin.engine.structured_output import (
+    AllowedTokens,
+    apply_token_bitmask,
+    bitmask_words,
+    masked_logits,
+    token_bits,
+)
 
 
 def _reference_mask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
@@ -32,7 +38,10 @@ def test_bitmask_matches_a_bit_by_bit_reference_and_xgrammar(vocab):
                                 generator=gen).to(torch.int32)
         got = logits.clone()
         apply_token_bitmask(got, bitmask)
-        torch.testing.assert_close(got, _reference_mask(logits, bitmask), rtol=0, atol=0)
+        want = _reference_mask(logits, bitmask)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        # the engine's one-pass copy, as a mask-only step takes it
+        torch.testing.assert_close(masked_logits(logits, bitmask, token_bits(logits.device)), want, rtol=0, atol=0)
         if vocab % 32 == 0:
             # xgrammar's own CPU kernel (it corrupts memory on a vocabulary that is not a
             # multiple of 32, one reason the engine unpacks the bits itself)
@@ -120,6 +129,23 @@ def test_min_new_tokens_gives_way_to_a_complete_grammar(llm):
         assert out.finish_reason == "stop" and out.token_ids[-1] in llm.engine.config.resolved_eos_ids, out.token_ids
         Person.model_validate_json(out.text)
     assert held.outputs[0].token_ids == plain.outputs[0].token_ids
+
+
+class _RefusingCompiler:
+    """In place of xgrammar's compiler: refuses a grammar its parser took (no spec found that
+    xgrammar 0.2.9 parses and then fails to compile; the library's own message shape)."""
+
+    def compile_grammar(self, grammar):
+        raise RuntimeError("[12:00:00] /project/cpp/grammar_compiler.cc:1: out of memory")
+
+
+def test_a_grammar_that_does_not_compile_ends_the_request_with_its_error(llm, monkeypatch):
+    monkeypatch.setattr(llm.engine._grammars(), "_compiler", _RefusingCompiler())
+    with pytest.raises(ValueError, match=r"^structured_outputs: the regex could not be compiled: out of memory$"):
+        _chat(llm, ["Hi", "Hello"], max_new_tokens=4, structured_outputs={"regex": "[a-z]{3}q"})
+    assert not llm.engine.has_unfinished()
+    llm.engine.flush_cache()
+    assert llm.engine.free_slots.num_free == llm.engine.total_slots
 
 
 @pytest.mark.parametrize("spec, problem", [

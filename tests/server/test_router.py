@@ -23,6 +23,7 @@ class FakeCore:
         self.live: dict[int, int] = {}  # req id -> tokens left
         self.total_slots = 100
         self.pooler = None  # a generation model, as EngineCore says
+        self.failed: list[tuple[int, str]] = []  # ended by the engine itself, as EngineCore.take_failed says
 
     def add_request(self, req_id, prompt_ids, params, images=None):
         if len(prompt_ids) > 4:
@@ -31,6 +32,10 @@ class FakeCore:
 
     def abort(self, req_id):
         return self.live.pop(req_id, None) is not None
+
+    def take_failed(self):
+        failed, self.failed = self.failed, []
+        return failed
 
     finish = abort
 
@@ -86,6 +91,21 @@ def test_a_refused_add_goes_back_to_the_api_as_an_error():
     router.handle(add(1, prompt=range(5)))
     assert detok == [] and isinstance(api[0], RequestError)
     assert api[0].req_ids == [1] and "max_req_input_len" in api[0].message
+
+
+def test_a_request_the_engine_ends_itself_goes_back_to_the_api_as_an_error_at_once():
+    router, detok, api = make_router()
+    router.handle(add(1))
+    router.handle(add(2))
+    # what EngineCore does with a grammar that parsed but did not compile
+    router.core.abort(1)
+    router.core.failed.append((1, "structured_outputs: the regex could not be compiled: out of memory"))
+    router.step()
+    assert DetokenizeForget(req_ids=[1]) in detok
+    errors = [m for m in api if isinstance(m, RequestError)]
+    assert errors == [RequestError(req_ids=[1], message="structured_outputs: the regex could not be compiled: out of memory")]
+    assert errors[0].status == 400
+    assert [e.req_id for m in detok if isinstance(m, TokenBatch) for e in m.events] == [2]
 
 
 def test_abort_frees_the_request_and_tells_the_detokenizer():
