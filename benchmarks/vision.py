@@ -85,6 +85,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16, help="images in the encoder measurement")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--placement", type=int, default=0, metavar="STREAMS",
+                        help="also measure where the encoder should run, beside STREAMS decoding text requests")
     args = parser.parse_args()
     print("command:", shlex.join([sys.executable, *sys.argv]))
 
@@ -172,6 +174,8 @@ def main() -> None:
     print(f"encoder ours: batch {args.batch} in {enc_s * 1e3:.1f} ms = {ours_ips:.1f} images/s "
           f"= {ours_ips / ceiling:.1%} of the ceiling")
 
+    if args.placement:
+        placement(core, inputs, image_token, text_ids, images[0], grid, hf_cfg, dtype, args)
     if args.skip_hf:
         return
     pixels = torch.cat(pixel_list).to(args.device, dtype)
@@ -208,6 +212,117 @@ def main() -> None:
     hf_s = statistics.median(hf_ttft() for _ in range(args.repeats))
     print(f"TTFT HF: {hf_s * 1e3:.1f} ms (generate, max_new_tokens=1, preprocessed inputs); "
           f"ours engine / HF: {hf_s / ttft_s:.2f}x faster")
+
+
+def _encoder_process(vision: dict, text_hidden: int, pixels: torch.Tensor, grid, repeats: int, device: str,
+                     queue) -> None:
+    """A separate visual process on the same GPU (as LightLLM runs it): our tower with random
+    weights; encodes the image `repeats` times back to back, then hands the last embeddings over
+    through shared host memory. Puts (per-encode seconds, handover seconds, embeddings)."""
+    from lightllm_plugin.models.vision_qwen2 import VisionConfig, VisionTower
+
+    torch.manual_seed(0)
+    cfg = VisionConfig.from_hf_dict(vision, "qwen2_5_vl", text_hidden)
+    with torch.device(device):
+        tower = VisionTower(cfg, torch.bfloat16 if device == "cuda" else torch.float32)
+        for p in tower.parameters():
+            torch.nn.init.normal_(p, std=0.02)
+    pixels = pixels.to(device)
+    tower(pixels, [grid])  # warm-up before the parent starts timing
+    sync(device)
+    queue.put("ready")
+    assert queue.get() == "go"
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = tower(pixels, [grid])
+        sync(device)
+        times.append(time.perf_counter() - start)
+    start = time.perf_counter()
+    shared = out.cpu().share_memory_()
+    queue.put((times, time.perf_counter() - start, shared))
+
+
+def placement(core, inputs, image_token: int, text_ids: list[int], image, grid, hf_cfg, dtype, args) -> None:
+    """In the router's process (ours) or a separate visual process? `args.placement` text
+    streams decode; then (a) a request with a new image joins them (its vision step runs inside
+    one engine step), (b) a second process runs the same tower on the same GPU while the streams
+    decode. Printed: the streams' step times in each case, and what the handover costs."""
+    import base64 as b64
+    import multiprocessing as mp
+
+    from lightllm_plugin.sampling_params import SamplingParams
+
+    def timed_step() -> float:
+        sync(args.device)
+        start = time.perf_counter()
+        core.step()
+        sync(args.device)
+        return time.perf_counter() - start
+
+    long = SamplingParams(temperature=0, max_new_tokens=100000, ignore_eos=True)
+    streams = [core.new_request_id() for _ in range(args.placement)]
+    for i, req in enumerate(streams):
+        core.add_request(req, [10 + i] + text_ids, long)
+    for _ in range(8):  # every stream past its prefill, graphs warm
+        timed_step()
+    alone = statistics.median(timed_step() for _ in range(30))
+
+    # (a) in the router's process: the image request's vision step + prefill run in one step
+    source = "data:image/png;base64," + b64.b64encode(png(args.image_size, 5000)).decode()
+    ids, images = inputs.prepare([image_token] + text_ids, [source], "inputs")
+    req = core.new_request_id()
+    core.add_request(req, ids, SamplingParams(temperature=0, max_new_tokens=1), images)
+    steps = [timed_step() for _ in range(4)]
+    # the same image after other text: its embeddings come from the image cache, so this step
+    # is the prefill alone, which the router runs wherever the encoder is
+    encoded = core.images_encoded
+    ids, images = inputs.prepare([image_token - 20, image_token] + text_ids, [source], "inputs")
+    core.add_request(core.new_request_id(), ids, SamplingParams(temperature=0, max_new_tokens=1), images)
+    prefill_steps = [timed_step() for _ in range(4)]
+    assert core.images_encoded == encoded, "the image cache missed"
+    stall = max(steps) - max(prefill_steps)
+
+    # (b) a separate process encodes on the same GPU while the streams decode
+    pixels = torch.from_numpy(np.frombuffer(image.pixels, dtype=np.float32).reshape(-1, image.patch_dim).copy())
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    repeats = 20
+    child = ctx.Process(target=_encoder_process, args=(hf_cfg.vision_config.to_dict(), hf_cfg.text_config.hidden_size,
+                                                       pixels, tuple(grid), repeats, args.device, queue))
+    child.start()
+    assert queue.get(timeout=600) == "ready"
+    queue.put("go")
+    during = []
+    deadline = time.monotonic() + 120
+    while queue.empty() and time.monotonic() < deadline:
+        during.append(timed_step())
+    times, handover_out, shared = queue.get(timeout=60)
+    child.join(60)
+    sync(args.device)
+    start = time.perf_counter()
+    shared.to(args.device, non_blocking=False)
+    sync(args.device)
+    handover = handover_out + time.perf_counter() - start
+    for req in streams:
+        core.abort(req)
+    while core.has_unfinished():
+        core.step()
+    core.flush_cache()
+    encode_alone = min(times[:1] + times)  # the first encode overlaps the parent's first steps too
+
+    contended = statistics.median(during) if during else float("nan")
+    encode = statistics.median(times)
+    print(f"placement, {args.placement} decoding streams: a decode step alone {alone * 1e3:.2f} ms")
+    print(f"  in the router's process: the step with one image's vision step + prefill took "
+          f"{max(steps) * 1e3:.1f} ms, with its prefill alone (cached embeddings) {max(prefill_steps) * 1e3:.1f} ms: "
+          f"the encoder makes the streams wait {stall * 1e3:.1f} ms once per image")
+    print(f"  separate process on the same GPU: while it encodes (median {encode * 1e3:.1f} ms per image, "
+          f"fastest {encode_alone * 1e3:.1f}), a decode step takes {contended * 1e3:.2f} ms "
+          f"({contended / alone:.2f}x alone, {len(during)} steps over {sum(times) * 1e3:.0f} ms of encoding): "
+          f"the streams lose {encode * (1 - alone / contended) * 1e3:.1f} ms of decode per image; "
+          f"handing one image's {shared.shape[0]} x {shared.shape[1]} embeddings over through shared host memory: "
+          f"{handover * 1e3:.1f} ms more on the image request's TTFT")
 
 
 if __name__ == "__main__":

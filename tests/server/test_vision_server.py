@@ -1,7 +1,8 @@
 """Images through the real server (one tiny Qwen2.5-VL server for the module): the official
 `openai` SDK with data URLs, LightLLM's native multimodal_params, LangChain's ChatLightLLM with
 image blocks, URLs fetched only from allowed hosts (a loopback HTTP server), and the bad-input
-battery. The reference is the offline API on the same folder with the prefix cache off."""
+battery. The reference is the offline API on the same folder with the prefix cache off, and for
+the cache's own test a second server with the cache off."""
 
 from __future__ import annotations
 
@@ -76,8 +77,13 @@ class _ImageHost:
 
 
 @pytest.fixture(scope="module")
-def vl(tmp_path_factory, launch_server):
-    folder = build_vl_folder(tmp_path_factory.mktemp("qwen2_5_vl"), "qwen2_5_vl")
+def vl_folder(tmp_path_factory) -> str:
+    return build_vl_folder(tmp_path_factory.mktemp("qwen2_5_vl"), "qwen2_5_vl")
+
+
+@pytest.fixture(scope="module")
+def vl(vl_folder, launch_server):
+    folder = vl_folder
     server = launch_server("--model_dir", folder, "--data_type", "float32", "--allowed_media_domains", "127.0.0.1",
                            "--max_image_pixels", "10000", "--limit_mm_per_prompt", "2",
                            "--max_body_size", str(MAX_BODY))
@@ -113,18 +119,20 @@ def test_openai_sdk_data_url_images_match_offline(vl):
         assert chat_text(server, model, messages) == expected
 
 
-def test_different_images_same_text_never_share_cached_kv(vl):
-    server, offline, _, model = vl
+def test_different_images_same_text_never_share_cached_kv(vl, vl_folder, launch_server):
+    server, _, _, model = vl
+    uncached = launch_server("--model_dir", vl_folder, "--data_type", "float32", "--disable_dynamic_prompt_cache")
     httpx.post(server.url + "/flush_cache", timeout=10)
     hits = metric(server, "lightllm_prefix_cache_hits_total")
     # RED and GREEN have the same size: the same placeholder tokens, only the image differs, and
     # it changes the answer, so KV of one reused for the other would show
-    expected = {png: offline_text(offline, ask(image_part(png))) for png in (RED, GREEN)}
+    expected = {png: chat_text(uncached, model, ask(image_part(png))) for png in (RED, GREEN)}
     assert expected[RED] != expected[GREEN]
-    for png in (RED, GREEN, RED):
+    for png in (RED, GREEN, RED, GREEN):
         assert chat_text(server, model, ask(image_part(png))) == expected[png]
-    # the repeated RED request read its whole prompt but the last token from the cache
+    # the repeated requests read their whole prompts but the last token from the cache
     assert metric(server, "lightllm_prefix_cache_hits_total") > hits
+    assert metric(uncached, "lightllm_prefix_cache_hits_total") == 0
 
 
 def test_native_generate_multimodal_params(vl):
