@@ -108,9 +108,11 @@ def main() -> None:
     with torch.device(args.device):
         hf = transformers.Qwen2_5_VLForConditionalGeneration._from_config(hf_cfg, dtype=dtype).eval()
     prompt_room = args.text_tokens + (args.image_size // 14 + 2) ** 2 // 4 + 64
+    decode_room = _PLACEMENT_TOKENS if args.placement else 8  # the placement streams decode this long
     cfg = EngineConfig(device=args.device, data_type="bfloat16" if args.device == "cuda" else "float32",
-                       max_req_total_len=prompt_room + 8, max_req_input_len=prompt_room, batch_max_tokens=prompt_room + 8,
-                       max_total_token_num=4 * (prompt_room + 8))
+                       max_req_total_len=prompt_room + decode_room, max_req_input_len=prompt_room,
+                       batch_max_tokens=prompt_room + 8,
+                       max_total_token_num=4 * (prompt_room + 8) + args.placement * (prompt_room + decode_room))
     config = hf_cfg.to_dict()
     config["architectures"] = ["Qwen2_5_VLForConditionalGeneration"]
     core = EngineCore(cfg, progress=False, with_tokenizer=False,
@@ -214,8 +216,11 @@ def main() -> None:
           f"ours engine / HF: {hf_s / ttft_s:.2f}x faster")
 
 
+_PLACEMENT_TOKENS = 1024
+
+
 def _encoder_process(vision: dict, text_hidden: int, pixels: torch.Tensor, grid, repeats: int, device: str,
-                     queue) -> None:
+                     to_parent, from_parent) -> None:
     """A separate visual process on the same GPU (as LightLLM runs it): our tower with random
     weights; encodes the image `repeats` times back to back, then hands the last embeddings over
     through shared host memory. Puts (per-encode seconds, handover seconds, embeddings)."""
@@ -230,8 +235,8 @@ def _encoder_process(vision: dict, text_hidden: int, pixels: torch.Tensor, grid,
     pixels = pixels.to(device)
     tower(pixels, [grid])  # warm-up before the parent starts timing
     sync(device)
-    queue.put("ready")
-    assert queue.get() == "go"
+    to_parent.put("ready")
+    assert from_parent.get() == "go"
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -240,7 +245,8 @@ def _encoder_process(vision: dict, text_hidden: int, pixels: torch.Tensor, grid,
         times.append(time.perf_counter() - start)
     start = time.perf_counter()
     shared = out.cpu().share_memory_()
-    queue.put((times, time.perf_counter() - start, shared))
+    to_parent.put((times, time.perf_counter() - start, shared))
+    from_parent.get()  # alive until the parent has mapped the shared memory
 
 
 def placement(core, inputs, image_token: int, text_ids: list[int], image, grid, hf_cfg, dtype, args) -> None:
@@ -249,7 +255,7 @@ def placement(core, inputs, image_token: int, text_ids: list[int], image, grid, 
     one engine step), (b) a second process runs the same tower on the same GPU while the streams
     decode. Printed: the streams' step times in each case, and what the handover costs."""
     import base64 as b64
-    import multiprocessing as mp
+    import torch.multiprocessing as mp
 
     from lightllm_plugin.sampling_params import SamplingParams
 
@@ -260,7 +266,7 @@ def placement(core, inputs, image_token: int, text_ids: list[int], image, grid, 
         sync(args.device)
         return time.perf_counter() - start
 
-    long = SamplingParams(temperature=0, max_new_tokens=100000, ignore_eos=True)
+    long = SamplingParams(temperature=0, max_new_tokens=_PLACEMENT_TOKENS - 8, ignore_eos=True)
     streams = [core.new_request_id() for _ in range(args.placement)]
     for i, req in enumerate(streams):
         core.add_request(req, [10 + i] + text_ids, long)
@@ -286,18 +292,19 @@ def placement(core, inputs, image_token: int, text_ids: list[int], image, grid, 
     # (b) a separate process encodes on the same GPU while the streams decode
     pixels = torch.from_numpy(np.frombuffer(image.pixels, dtype=np.float32).reshape(-1, image.patch_dim).copy())
     ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
+    queue, to_child = ctx.Queue(), ctx.Queue()
     repeats = 20
     child = ctx.Process(target=_encoder_process, args=(hf_cfg.vision_config.to_dict(), hf_cfg.text_config.hidden_size,
-                                                       pixels, tuple(grid), repeats, args.device, queue))
+                                                       pixels, tuple(grid), repeats, args.device, queue, to_child))
     child.start()
     assert queue.get(timeout=600) == "ready"
-    queue.put("go")
+    to_child.put("go")
     during = []
     deadline = time.monotonic() + 120
-    while queue.empty() and time.monotonic() < deadline:
+    while queue.empty() and time.monotonic() < deadline and core.has_unfinished():
         during.append(timed_step())
     times, handover_out, shared = queue.get(timeout=60)
+    to_child.put("done")
     child.join(60)
     sync(args.device)
     start = time.perf_counter()
