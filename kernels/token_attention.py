@@ -13,6 +13,8 @@ batch, its q_len == 1 rows included.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from lightllm_plugin.kernels._triton import use_triton
@@ -115,46 +117,88 @@ def _heads_first(kv: torch.Tensor, scales: torch.Tensor | None, dtype: torch.dty
 KV_LENGTH_BUCKET = 128
 
 
+class _DecodeGroup(NamedTuple):
+    """Rows of one padded key length, and how their keys are read."""
+
+    members: torch.Tensor | None  # their rows in the batch; None: every row, in order
+    lens: list[int]
+    slots: torch.Tensor  # [G * P] flat slot ids (gathered), or [1] the first slot of a run read in place
+    run: bool
+    padded: int
+    mask: torch.Tensor  # [G, 1, 1, P]
+
+
+class _DecodePlan(NamedTuple):
+    key: tuple
+    table: torch.Tensor  # [B, max len]
+    shared: int
+    groups: list[_DecodeGroup]
+
+
+# A decode step calls attention once per layer with the same rows, lengths and table: what depends
+# on those alone (the grouping by padded length, masks, slot lists, the run checks) is worked out
+# at the first layer and reused by the others, about 100 us a layer of Python and small ops. The
+# key includes the table's version counter, which every write to it (each step's new slots) bumps.
+_last_plan: list[_DecodePlan] = []
+
+
+def _decode_plan(req_to_token: torch.Tensor, rows: torch.Tensor, lens: list[int], pool_slots: int) -> _DecodePlan:
+    key = (id(req_to_token), req_to_token.data_ptr(), req_to_token._version, tuple(rows.tolist()), tuple(lens),
+           pool_slots)
+    cached = _last_plan[0] if _last_plan else None  # one read: another engine's thread may replace it
+    if cached is not None and cached.key == key:
+        return cached
+    table = req_to_token[rows, : max(lens)]
+    shared = _shared_prefix_length(table, min(lens)) if len(lens) > 1 else 0
+    width = req_to_token.shape[1]
+    by_padded: dict[int, list[int]] = {}
+    for b, n in enumerate(lens):
+        by_padded.setdefault(min(-(-n // KV_LENGTH_BUCKET) * KV_LENGTH_BUCKET, width), []).append(b)
+    groups = []
+    for padded, members in by_padded.items():
+        member_lens = [lens[b] for b in members]
+        padded_table = req_to_token[rows[members], :padded]
+        run = False
+        if len(members) == 1:
+            first, n = int(padded_table[0, 0]), member_lens[0]
+            run = first + padded <= pool_slots and torch.equal(
+                padded_table[0, :n], torch.arange(first, first + n, dtype=padded_table.dtype))
+        slots = padded_table[0, :1].long() if run else padded_table.reshape(-1).long()
+        mask = (torch.arange(padded)[None, :] < torch.tensor(member_lens)[:, None])[:, None, None, :]
+        everyone = len(by_padded) == 1
+        groups.append(_DecodeGroup(None if everyone else torch.tensor(members), member_lens, slots, run, padded, mask))
+    plan = _DecodePlan(key, table, shared, groups)
+    _last_plan[:] = [plan]
+    return plan
+
+
 def _decode_cpu(q: torch.Tensor, kv_layer, kv_scale, req_to_token, rows: torch.Tensor, lens: list[int],
                 scale) -> torch.Tensor:
     """q: [B, H, D], one query per request -> [B, H, D]. A GQA group's query heads are the rows of
     one SDPA "sequence" over its kv head (no causal mask: every key is visible), so K/V are never
     repeated per head."""
-    batch, kv_heads, head_dim = len(rows), kv_layer.shape[1] // 2, q.shape[-1]
-    if batch > 1:
-        table = req_to_token[rows, : max(lens)]
-        shared = _shared_prefix_length(table, min(lens))
-        if shared >= SHARED_PREFIX_MIN_TOKENS:
-            return _decode_shared_prefix_cpu(q, kv_layer, kv_scale, table, lens, shared, scale)
+    kv_heads, head_dim = kv_layer.shape[1] // 2, q.shape[-1]
+    plan = _decode_plan(req_to_token, rows, lens, kv_layer.shape[0])
+    if plan.shared >= SHARED_PREFIX_MIN_TOKENS:
+        return _decode_shared_prefix_cpu(q, kv_layer, kv_scale, plan.table, lens, plan.shared, scale)
     # the pool's dtype for SDPA: a bfloat16 pool is read as it is, half the bytes of float32
     dtype = q.dtype if kv_scale is not None else kv_layer.dtype
-    width = req_to_token.shape[1]
-    by_padded: dict[int, list[int]] = {}
-    for b, n in enumerate(lens):
-        by_padded.setdefault(min(-(-n // KV_LENGTH_BUCKET) * KV_LENGTH_BUCKET, width), []).append(b)
-    out = torch.empty_like(q)
-    for padded, members in by_padded.items():
-        member_lens = [lens[b] for b in members]
-        kv = _read_padded_kv(kv_layer, kv_scale, req_to_token[rows[members], :padded], member_lens, dtype)
-        mask = (torch.arange(padded)[None, :] < torch.tensor(member_lens)[:, None])[:, None, None, :]
-        qd = q[members].view(len(members), kv_heads, -1, head_dim).to(dtype)
-        o = F.scaled_dot_product_attention(qd, kv[:, :kv_heads], kv[:, kv_heads:], attn_mask=mask, scale=scale)
-        out[members] = o.view(len(members), -1, head_dim).to(q.dtype)
+    out = None if len(plan.groups) == 1 else torch.empty_like(q)
+    for group in plan.groups:
+        count = len(group.lens)
+        if group.run:
+            first = int(group.slots[0])
+            kv = _read_run(kv_layer, kv_scale, first, group.padded, dtype)[None]
+        else:
+            kv = _read_kv(kv_layer, kv_scale, group.slots, dtype, may_be_a_run=False)
+            kv = kv.view(kv.shape[0], count, group.padded, kv.shape[-1]).transpose(0, 1)
+        qd = (q if group.members is None else q[group.members]).view(count, kv_heads, -1, head_dim).to(dtype)
+        o = F.scaled_dot_product_attention(qd, kv[:, :kv_heads], kv[:, kv_heads:], attn_mask=group.mask, scale=scale)
+        o = o.view(count, -1, head_dim).to(q.dtype)
+        if out is None:
+            return o
+        out[group.members] = o
     return out
-
-
-def _read_padded_kv(kv_layer, kv_scale, table: torch.Tensor, lens: list[int], dtype) -> torch.Tensor:
-    """[G, 2*Hkv, P, D] for the rows of table [G, P]; keys past a row's length are whatever the
-    slots there hold (masked). A lone row whose slots form one run is read in place, its padding
-    being the slots after the run."""
-    rows, padded = table.shape
-    if rows == 1:
-        first, n = int(table[0, 0]), lens[0]
-        if first + padded <= kv_layer.shape[0] and torch.equal(
-                table[0, :n], torch.arange(first, first + n, dtype=table.dtype)):
-            return _read_run(kv_layer, kv_scale, first, padded, dtype)[None]
-    kv = _read_kv(kv_layer, kv_scale, table.reshape(-1), dtype, may_be_a_run=False)
-    return kv.view(kv.shape[0], rows, padded, kv.shape[-1]).transpose(0, 1)
 
 
 # Decode rows whose first keys are the same slots (the prefix cache gives every request with one
