@@ -555,16 +555,18 @@ class EngineCore:
             entries.append(self._decode_entry(live, output_len, 0))  # the token comes from the device
         return order, entries, rows if len(rows) != len(launched.order) else None
 
-    def _launch_planned(self, plan, tokens: torch.Tensor) -> _LaunchedStep:
-        """Queue a planned step; its input ids are `tokens` ([B] of the step before, on the device)."""
+    def _launch_planned(self, plan, tokens: torch.Tensor, staged: tuple[int, int] | None = None) -> _LaunchedStep:
+        """Queue a planned step; its input ids are `tokens` ([B] of the step before, on the device).
+        `staged`: the runner's stage_chained of the plan's entries, done earlier."""
         order, entries, rows = plan
         if rows is not None:
             tokens = tokens[torch.tensor(rows, dtype=torch.long, pin_memory=True).to(tokens.device, non_blocking=True)]
         self.steps_queued_ahead += 1
         # a grammar's mask needs the token the step before samples: only the forward is queued now
         constrained = any(live.sampler.grammar is not None for live in order)
-        result = self.runner.launch(entries, chained_ids=tokens, table_writes=self._take_table_writes(),
-                                    defer_sampling=constrained)
+        table_writes = self._take_table_writes() if staged is None else None
+        result = self.runner.launch(entries, chained_ids=tokens, table_writes=table_writes,
+                                    defer_sampling=constrained, staged=staged)
         if constrained:
             return _LaunchedStep(order, None, deferred=result)
         return _LaunchedStep(order, result)
@@ -620,10 +622,13 @@ class EngineCore:
                 self._release(live)
         if queued is not None:
             plan = self._plan_next_decode(queued)
+            # the next forward's inputs go to the device while the masks are still being filled;
+            # only its input ids wait for the sampling
+            staged = self.runner.stage_chained(plan[1], self._take_table_writes()) if plan is not None else None
             queued.pending, queued.deferred = queued.deferred.launch(masks), None
             if plan is not None:
                 # behind it at once: its forward only needs the tokens on the device
-                self._ahead.append(self._launch_planned(plan, queued.pending.tokens))
+                self._ahead.append(self._launch_planned(plan, queued.pending.tokens, staged))
         return events
 
     def _finish_reason(self, live: _LiveRequest, token: int) -> str | None:

@@ -117,12 +117,22 @@ class DecodeGraphs:
         """One decode step for len(positions) requests; returns their logits [B, V] (a view of a
         static buffer, valid until the next replay). `ids_on_device` ([B], on the GPU) replaces
         `input_ids`: the tokens a step still running will have sampled."""
+        staged = self.stage(positions, rows, slots, None if ids_on_device is not None else input_ids)
+        return self.replay(staged, ids_on_device)
+
+    def stage(self, positions: list[int], rows: list[int], slots: list[int],
+              input_ids: list[int] | None = None) -> tuple[int, int]:
+        """The host's part of a step: its inputs (the ids too, unless they will come from the
+        device) into a pinned buffer, and that buffer's copy into the static inputs queued. The graph
+        queued before reads the inputs first (stream order), so a step can be staged while the host
+        still has to queue other work before its replay, but no other graph may replay in between.
+        Returns (batch, padded size) for replay."""
         batch = len(positions)
         bs = padded_size(self.sizes, batch)
         turn, self._turn = self._turn, self._turn ^ 1
         self.copied[turn].synchronize()
         host = self.host_np[turn]
-        if ids_on_device is None:
+        if input_ids is not None:
             host[_IDS, :batch] = input_ids
         host[_POS, :batch] = positions
         host[_ROW, :batch] = rows
@@ -131,9 +141,14 @@ class DecodeGraphs:
         for k, value in enumerate(self.padding):
             host[k, batch:bs] = value
         self.inputs.copy_(self.host[turn], non_blocking=True)
+        self.copied[turn].record()
+        return batch, bs
+
+    def replay(self, staged: tuple[int, int], ids_on_device: torch.Tensor | None = None) -> torch.Tensor:
+        """Replay a staged step; `ids_on_device` ([B], on the GPU): its input ids."""
+        batch, bs = staged
         if ids_on_device is not None:
             self.inputs[_IDS, :batch].copy_(ids_on_device)
-        self.copied[turn].record()
         self.graphs[bs].replay()
         self.replays += 1
         return self.logits[bs][:batch]

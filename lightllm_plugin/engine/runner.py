@@ -384,13 +384,17 @@ class ModelRunner:
         chained_ids: torch.Tensor | None = None,
         table_writes: TableWrites | None = None,
         defer_sampling: bool = False,
+        staged: tuple[int, int] | None = None,
     ) -> PendingSample | DeferredSample | None:
         """Queue one step (forward + sampling of the entries that have a sampler) without waiting
         for it; None when no entry samples. `chained_ids` ([B] on the device) are the input ids of a
         decode step whose previous tokens are not on the host yet. With defer_sampling only the
         forward is queued; the caller launches the sampling (DeferredSample.launch) before the
-        next step, once the grammars have taken the previous tokens."""
-        if self.can_chain(len(entries)) and all(len(e.input_ids) == 1 and e.sampler is not None for e in entries):
+        next step, once the grammars have taken the previous tokens. `staged`: stage_chained's
+        result for these entries (their table writes went with it)."""
+        if staged is not None:
+            logits = self.decode_graphs.replay(staged, chained_ids)
+        elif self.can_chain(len(entries)) and all(len(e.input_ids) == 1 and e.sampler is not None for e in entries):
             if table_writes:
                 self._write_table(table_writes)
             logits = self.decode_graphs.run(
@@ -411,6 +415,16 @@ class ModelRunner:
         if defer_sampling:
             return DeferredSample(logits, rows, self.generator, bitmasks)
         return launch_sample(logits, rows, self.generator, bitmasks)
+
+    @torch.inference_mode()
+    def stage_chained(self, entries: list[StepEntry], table_writes: TableWrites | None = None) -> tuple[int, int]:
+        """The host's part of a CUDA-graph decode step whose input ids will come from the device,
+        queued ahead of work the host still has to queue before it (see DecodeGraphs.stage); then
+        launch(entries, chained_ids=..., staged=...)."""
+        if table_writes:
+            self._write_table(table_writes)
+        return self.decode_graphs.stage([e.start_pos for e in entries], [e.row for e in entries],
+                                        [e.slots[0] for e in entries])
 
     def _bitmask_stager(self, vocab_size: int) -> BitmaskStager:
         if self._bitmasks is None or self._bitmasks.vocab_size != vocab_size:

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -65,22 +66,29 @@ class RequestGrammar:
 
     def __init__(self, matcher) -> None:
         self._matcher = matcher
+        # the library's matcher ends only by accepting one of its stop tokens (we never ask it to
+        # end without one): asked then, not for every token and again by each step's fill
+        self._stops = frozenset(matcher.stop_token_ids)
+        self._terminated = matcher.is_terminated()
 
     def fill(self, bitmask: torch.Tensor, row: int) -> bool:
         """Write the row; False when it allows every token (nothing to mask)."""
-        if self._matcher.is_terminated():
+        if self._terminated:
             # finished: a step queued ahead samples it, then drops it
             bitmask[row] = -1
             return False
         return self._matcher.fill_next_token_bitmask(bitmask, row)
 
     def accept(self, token: int) -> bool:
-        return self._matcher.accept_token(token)
+        ok = self._matcher.accept_token(token)
+        if ok and token in self._stops:
+            self._terminated = self._matcher.is_terminated()
+        return ok
 
     @property
     def terminated(self) -> bool:
         """The grammar took its stop token (or cannot take any more): nothing may follow."""
-        return self._matcher.is_terminated()
+        return self._terminated
 
 
 class AllowedTokens:
@@ -264,14 +272,27 @@ class BitmaskStager:
         host = self._host[turn][: len(grammars)]
         matchers, rows = [], []
         for row, grammar in enumerate(grammars):
-            if isinstance(grammar, RequestGrammar) and not grammar.terminated:
+            if isinstance(grammar, RequestGrammar) and not grammar._terminated:
                 matchers.append(grammar._matcher)
                 rows.append(row)
             elif grammar is None:
                 host[row] = -1
             else:
                 grammar.fill(host, row)
-        pending = self._worker.submit(self._batch.batch_fill_next_token_bitmask, matchers, host, rows) if rows else None
+        pending = None
+        if rows:
+            started = threading.Event()
+
+            def fill() -> None:
+                started.set()
+                self._batch.batch_fill_next_token_bitmask(matchers, host, rows)
+
+            pending = self._worker.submit(fill)
+            # the worker needs the GIL to begin, and a step thread busy in pure Python (the events,
+            # the next plan) would hold it for up to the 5 ms switch interval: the fill would only
+            # start once this thread waits for it. Waiting here hands the GIL over; the library
+            # releases it while it fills.
+            started.wait()
         self._filling = pending
         return MaskFill(self, turn, host, pending)
 
