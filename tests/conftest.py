@@ -37,9 +37,27 @@ def default_model_file() -> str:
 @pytest.fixture(scope="session")
 def hf_default_model(default_model_file):
     """Hugging Face transformers' float32 model from the default model's GGUF file: the
-    independent reference of several modules, converted once a session (~13 s on 2 cores)."""
+    independent reference of several modules, converted once a session."""
+    import functools
+
+    import gguf
     import torch
     import transformers
 
     folder, name = os.path.split(default_model_file)
-    return transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    parsed = {}
+
+    def parse_once(path, *args, **kwargs):
+        key = (os.fspath(path), args, tuple(sorted(kwargs.items())))
+        if key not in parsed:
+            parsed[key] = real_reader(path, *args, **kwargs)
+        return parsed[key]
+
+    real_reader = gguf.GGUFReader
+    with pytest.MonkeyPatch.context() as patch:
+        # the reference's own deterministic functions, memoized for this one load: transformers
+        # parses the file twice (config, then weights) and rebuilds gguf's tensor-name map for each
+        # of its ~400 tensors, about half of the load's ~17 s. Its result is the same.
+        patch.setattr(gguf, "GGUFReader", parse_once)
+        patch.setattr(gguf, "get_tensor_name_map", functools.lru_cache(maxsize=None)(gguf.get_tensor_name_map))
+        return transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()

@@ -29,7 +29,7 @@ from support.live_server import metric, slots_drain  # noqa: E402
 
 pytestmark = pytest.mark.slow  # a few hundred generated requests
 
-EXAMPLES = int(os.environ.get("LIGHTLLM_FUZZ_EXAMPLES", "10"))  # per operation and mode
+EXAMPLES = int(os.environ.get("LIGHTLLM_FUZZ_EXAMPLES", "6"))  # per operation and mode
 SEED = os.environ.get("LIGHTLLM_FUZZ_SEED")
 CALL_TIMEOUT_S = 60  # no single answer may take longer: a hang fails the test
 # a short context keeps every generation small on CPU; many requests fit at once
