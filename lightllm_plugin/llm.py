@@ -87,8 +87,9 @@ class LLM:
         self._images: ImageInputs | None = None  # built at the first chat with images
 
     def close(self) -> None:
-        """Stop the other tensor-parallel ranks (tp > 1) and give this process its threads back;
-        nothing to do otherwise."""
+        """Stop the engine's worker threads, and the other tensor-parallel ranks (tp > 1) giving
+        this process its threads back."""
+        self.engine.close()
         if self._ranks is not None:
             ranks, group, sender = self._ranks
             self._ranks = None

@@ -276,6 +276,14 @@ class EngineCore:
                 continue
             self.scheduler.add(live.sched)
 
+    def close(self) -> None:
+        """Stop the threads the structured outputs started (grammar compiling, mask filling); a
+        later constrained request starts them again."""
+        if self._grammar_compiler is not None:
+            self._grammar_compiler.close()
+            self._grammar_compiler = None
+        self.runner.close()
+
     def take_failed(self) -> list[tuple[int, str]]:
         """Requests the engine ended on its own since the last call, without an event (their
         grammar did not compile), each with the message for its client; their slots are free."""

@@ -428,8 +428,15 @@ class ModelRunner:
 
     def _bitmask_stager(self, vocab_size: int) -> BitmaskStager:
         if self._bitmasks is None or self._bitmasks.vocab_size != vocab_size:
+            self.close()
             self._bitmasks = BitmaskStager(vocab_size, self.device)
         return self._bitmasks
+
+    def close(self) -> None:
+        """Stop the grammar-mask worker thread (started at the first constrained step)."""
+        if self._bitmasks is not None:
+            self._bitmasks.close()
+            self._bitmasks = None
 
     def _write_table(self, writes: TableWrites) -> None:
         """req_to_token entries written ahead of a CUDA-graph step (the graph writes only its own)."""

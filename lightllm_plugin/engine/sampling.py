@@ -166,9 +166,10 @@ def launch_sample(logits: torch.Tensor, rows: list[SamplerRow], default_generato
         masks = (host, host.to(device)) if host is not None else None
     bitmask = masks[0] if masks is not None else None
     bits = bitmasks.bits if bitmasks is not None else None
-    if bitmask is not None and not any(r.blocked_ids or has_penalty(r.params) for r in rows):
+    edits = any(r.blocked_ids or has_penalty(r.params) for r in rows)
+    if bitmask is not None and not edits:
         logits = masked_logits(logits, masks[1], bits if bits is not None else token_bits(device))
-    elif bitmask is not None or any(r.blocked_ids or has_penalty(r.params) for r in rows):
+    elif bitmask is not None or edits:
         # CUDA-graph logits live in a static buffer: edit a copy
         logits = logits.clone()
         _apply_penalties(logits, rows)

@@ -47,12 +47,14 @@ def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, bits: torch
     """In place: logits [B, V] get -inf wherever the bit of bitmask [B, ceil(V/32)] (int32, on
     the logits' device; bit j of word w is token 32*w + j) is 0. `bits`: token_bits(device),
     kept by a caller that masks every step."""
-    vocab = logits.shape[1]
     if bits is None:
         bits = token_bits(bitmask.device)
-    # two passes over [B, V] to find the masked tokens, one to mask them
-    blocked = ((bitmask.unsqueeze(-1) & bits) == 0).flatten(1)[:, :vocab]
-    logits.masked_fill_(blocked, float("-inf"))
+    logits.masked_fill_(_blocked(bitmask, bits, logits.shape[1]), float("-inf"))
+
+
+def _blocked(bitmask: torch.Tensor, bits: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[B, V] bool: True where bitmask [B, words] forbids the token (two passes over [B, V])."""
+    return ((bitmask.unsqueeze(-1) & bits) == 0).flatten(1)[:, :vocab]
 
 
 def token_bits(device: torch.device) -> torch.Tensor:
@@ -129,7 +131,8 @@ class GrammarCompiler:
         self._compiled: OrderedDict[tuple, Future] = OrderedDict()
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        # queued compiles are dropped; a running one finishes, so no thread outlives the call
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
     def check(self, spec: StructuredOutputs) -> None:
         """Parse the spec (fast: no tokenizer work); a bad schema, regex or grammar raises
@@ -272,7 +275,7 @@ class BitmaskStager:
         host = self._host[turn][: len(grammars)]
         matchers, rows = [], []
         for row, grammar in enumerate(grammars):
-            if isinstance(grammar, RequestGrammar) and not grammar._terminated:
+            if isinstance(grammar, RequestGrammar) and not grammar.terminated:
                 matchers.append(grammar._matcher)
                 rows.append(row)
             elif grammar is None:
@@ -313,8 +316,7 @@ class BitmaskStager:
 def masked_logits(logits: torch.Tensor, bitmask: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
     """A copy of logits [B, V] with -inf wherever bitmask's bit is 0 (as apply_token_bitmask), in
     one pass over the logits instead of a copy and a masking pass."""
-    blocked = ((bitmask.unsqueeze(-1) & bits) == 0).flatten(1)[:, : logits.shape[1]]
-    return torch.where(blocked, float("-inf"), logits)
+    return torch.where(_blocked(bitmask, bits, logits.shape[1]), float("-inf"), logits)
 
 
 def allows_other_than(bitmask_row: torch.Tensor, token_ids: list[int]) -> bool:

@@ -2,6 +2,7 @@
 offline LLM on the default model held to JSON schemas, regexes, choices and grammars."""
 
 import re
+import threading
 
 import pydantic
 import pytest
@@ -72,7 +73,8 @@ PROMPTS = ["Describe a person as JSON.", "Invent a character for a story.", "Who
 
 @pytest.fixture(scope="module")
 def llm():
-    return LLM(max_total_token_num=4096, max_req_total_len=1024, max_req_input_len=512, progress=False)
+    with LLM(max_total_token_num=4096, max_req_total_len=1024, max_req_input_len=512, progress=False) as llm:
+        yield llm
 
 
 def _chat(llm, prompt, **params):
@@ -94,6 +96,19 @@ def test_json_schema_output_validates_greedy_sampled_and_n(llm):
     assert again.num_cached_tokens > 0 and again.outputs[0].text == outs[0].outputs[0].text
     llm.engine.flush_cache()
     assert llm.engine.free_slots.num_free == llm.engine.total_slots
+
+
+def _grammar_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith(("grammar-compile", "grammar-mask"))]
+
+
+def test_close_stops_the_grammar_threads_and_a_later_request_starts_them_again(llm):
+    first = _chat(llm, "Say yes or no.", temperature=0, max_new_tokens=4, structured_outputs={"choice": ["yes", "no"]})
+    assert first[0].outputs[0].text in ("yes", "no") and _grammar_threads()
+    llm.close()
+    assert _grammar_threads() == []
+    again = _chat(llm, "Say yes or no.", temperature=0, max_new_tokens=4, structured_outputs={"choice": ["yes", "no"]})
+    assert again[0].outputs[0].text == first[0].outputs[0].text
 
 
 def test_regex_choice_grammar_and_allowed_tokens(llm):
