@@ -122,8 +122,8 @@ class _DecodeGroup(NamedTuple):
 
     members: torch.Tensor | None  # their rows in the batch; None: every row, in order
     lens: list[int]
-    slots: torch.Tensor  # [G * P] flat slot ids (gathered), or [1] the first slot of a run read in place
-    run: bool
+    run_first: int | None  # a lone row whose slots form one run, read in place from this slot
+    slots: torch.Tensor | None  # otherwise [G * P] flat slot ids, gathered
     padded: int
     mask: torch.Tensor  # [G, 1, 1, P]
 
@@ -158,15 +158,17 @@ def _decode_plan(req_to_token: torch.Tensor, rows: torch.Tensor, lens: list[int]
     for padded, members in by_padded.items():
         member_lens = [lens[b] for b in members]
         padded_table = req_to_token[rows[members], :padded]
-        run = False
+        run_first = None
         if len(members) == 1:
             first, n = int(padded_table[0, 0]), member_lens[0]
-            run = first + padded <= pool_slots and torch.equal(
-                padded_table[0, :n], torch.arange(first, first + n, dtype=padded_table.dtype))
-        slots = padded_table[0, :1].long() if run else padded_table.reshape(-1).long()
+            if first + padded <= pool_slots and torch.equal(
+                    padded_table[0, :n], torch.arange(first, first + n, dtype=padded_table.dtype)):
+                run_first = first
+        slots = padded_table.reshape(-1).long() if run_first is None else None
         mask = (torch.arange(padded)[None, :] < torch.tensor(member_lens)[:, None])[:, None, None, :]
         everyone = len(by_padded) == 1
-        groups.append(_DecodeGroup(None if everyone else torch.tensor(members), member_lens, slots, run, padded, mask))
+        groups.append(_DecodeGroup(None if everyone else torch.tensor(members), member_lens, run_first, slots, padded,
+                                   mask))
     plan = _DecodePlan(key, table, shared, groups)
     _last_plan[:] = [plan]
     return plan
@@ -186,9 +188,8 @@ def _decode_cpu(q: torch.Tensor, kv_layer, kv_scale, req_to_token, rows: torch.T
     out = None if len(plan.groups) == 1 else torch.empty_like(q)
     for group in plan.groups:
         count = len(group.lens)
-        if group.run:
-            first = int(group.slots[0])
-            kv = _read_run(kv_layer, kv_scale, first, group.padded, dtype)[None]
+        if group.run_first is not None:
+            kv = _read_run(kv_layer, kv_scale, group.run_first, group.padded, dtype)[None]
         else:
             kv = _read_kv(kv_layer, kv_scale, group.slots, dtype, may_be_a_run=False)
             kv = kv.view(kv.shape[0], count, group.padded, kv.shape[-1]).transpose(0, 1)
